@@ -1,0 +1,26 @@
+# The two commands of the README. Each does all set-up on a fresh clone (a .venv with pinned torch).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# DVC stages call `python`: the one in the project venv.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: repro test test-fast params
+repro: $(STAMP)  ## run the whole study (dvc repro) on the embedded default data
+	$(BIN)/dvc repro
+
+test: $(STAMP)  ## the whole test suite, the smoke end-to-end `dvc repro` included
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## unit tests only
+	$(BIN)/python -m pytest -m "not slow"
+
+params: $(STAMP)  ## compose conf/ into params.yaml (as `dvc exp run` does); e.g. make params ARGS=profile=smoke
+	$(BIN)/python -m pipeline.config $(ARGS)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)

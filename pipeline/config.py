@@ -1,0 +1,47 @@
+"""``params.yaml``: what every stage reads; composed from the Hydra groups in ``conf/``.
+
+``compose_params`` is DVC's own composition (the one ``dvc exp run -S group=option`` runs), so the
+committed ``params.yaml`` and an experiment's are written the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = "params.yaml"
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
+    """Read ``params.yaml`` as a read-only config in struct mode (a misspelt key is an error, not None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run from the project root, or compose it with `make params`")
+    params = OmegaConf.load(path)
+    OmegaConf.set_struct(params, True)
+    OmegaConf.set_readonly(params, True)
+    return params
+
+
+def compose_params(output: str | Path, config_dir: str | Path, overrides: list[str] | None = None) -> None:
+    """Compose ``config_dir/config.yaml`` with Hydra ``overrides`` into ``output``, as DVC does."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(Path(output), str(Path(config_dir).resolve()), None, "config", str(config_dir), overrides or [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compose conf/ into params.yaml (Hydra, as `dvc exp run` does).")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=smoke")
+    parser.add_argument("--conf", default="conf", help="Hydra config folder")
+    parser.add_argument("--out", default=PARAMS_FILE, help="file to write")
+    args = parser.parse_args(argv)
+    compose_params(args.out, args.conf, args.overrides)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

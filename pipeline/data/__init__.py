@@ -1,0 +1,1 @@
+"""Clean image sources, degradations described as data, and datasets built from manifests."""

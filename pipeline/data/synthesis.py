@@ -1,0 +1,104 @@
+"""Fixed, seeded degraded datasets: random training patches and non-overlapping evaluation crops.
+
+Crop boxes depend on the clean images, the sizes and the seed only, never on the degradation, so
+every degradation (and every mix) is built on the same clean content and the test sets are comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data.degradations import Degradation, sample_seed
+from pipeline.images import read_image, write_image
+from pipeline.manifests import read_json, write_jsonl
+
+Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+def load_clean(clean_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The clean images of one split, by name, from ``prepare``'s output."""
+    clean_dir = Path(clean_dir)
+    manifest = read_json(clean_dir / "manifest.json", stage="prepare")
+    return {
+        record["name"]: read_image(clean_dir / record["file"])
+        for record in manifest["images"]
+        if record["split"] == split
+    }
+
+
+def train_boxes(sizes: dict[str, tuple[int, int]], patch: int, count: int, seed: int) -> list[tuple[str, Box]]:
+    """``count`` random ``patch``² boxes, images drawn in proportion to their area."""
+    names = sorted(n for n, (h, w) in sizes.items() if h >= patch and w >= patch)
+    if not names:
+        raise ValueError(f"no training image is at least {patch}x{patch}")
+    areas = np.array([sizes[n][0] * sizes[n][1] for n in names], dtype=np.float64)
+    rng = np.random.default_rng(sample_seed(seed, "train-boxes"))
+    picks = rng.choice(len(names), size=count, p=areas / areas.sum())
+    boxes = []
+    for i in picks:
+        h, w = sizes[names[i]]
+        top, left = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+        boxes.append((names[i], (top, left, patch, patch)))
+    return boxes
+
+
+def eval_boxes(sizes: dict[str, tuple[int, int]], crop: int, count: int, seed: int) -> list[tuple[str, Box]]:
+    """Up to ``count`` non-overlapping ``crop``² boxes, taken in turn from each image (so no image dominates).
+
+    Each image's grid of crops is centred and visited in a seeded random order.
+    """
+    per_image = {}
+    rng = np.random.default_rng(sample_seed(seed, "eval-boxes"))
+    for name in sorted(sizes):
+        h, w = sizes[name]
+        rows, cols = h // crop, w // crop
+        top0, left0 = (h - rows * crop) // 2, (w - cols * crop) // 2
+        grid = [(top0 + r * crop, left0 + c * crop, crop, crop) for r in range(rows) for c in range(cols)]
+        per_image[name] = [grid[i] for i in rng.permutation(len(grid))]
+    boxes = []
+    while len(boxes) < count and any(per_image.values()):
+        for name in sorted(per_image):
+            if per_image[name] and len(boxes) < count:
+                boxes.append((name, per_image[name].pop(0)))
+    return boxes
+
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    top, left, h, w = box
+    return np.ascontiguousarray(image[top : top + h, left : left + w])
+
+
+def synthesize_split(
+    degradation: Degradation,
+    images: dict[str, np.ndarray],
+    boxes: list[tuple[str, Box]],
+    out: str | Path,
+    split: str,
+    seed: int,
+) -> int:
+    """Write ``out/{lq,gt}/NNNNN.png`` and ``out/manifest.jsonl`` for one split; return the sample count."""
+    out = Path(out)
+
+    def records() -> Iterator[dict[str, Any]]:
+        for index, (name, box) in enumerate(tqdm(boxes, desc=f"{degradation.name}/{split}", unit="img")):
+            clean = crop(images[name], box)
+            sample = sample_seed(seed, degradation.name, split, index)
+            degraded, applied = degradation(clean, sample)
+            stem = f"{index:05d}"
+            write_image(out / "gt" / f"{stem}.png", clean)
+            write_image(out / "lq" / f"{stem}.png", degraded)
+            yield {
+                "id": stem, "lq": f"lq/{stem}.png", "gt": f"gt/{stem}.png", "source": name,
+                "box": list(box), "degradation": degradation.name, "seed": sample, "params": applied,
+            }
+
+    write_jsonl(out / "manifest.jsonl", records())
+    return len(boxes)
+
+
+def image_sizes(images: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    return {name: image.shape[:2] for name, image in images.items()}

@@ -1,0 +1,112 @@
+"""The whole pipeline through DVC on the smoke profile, in a throw-away copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _dvc(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, env)
+
+
+def _changed_stages(repo: Path, env: dict[str, str]) -> set[str]:
+    return set(json.loads(_dvc("status", "--json", cwd=repo, env=env).stdout))
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    """A git copy of the project's tracked files, after `dvc exp run -S profile=smoke`."""
+    repo = tmp_path_factory.mktemp("uir") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stages call `python`
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+    }
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "copy"], repo, env)
+    _dvc("exp", "run", "-S", "profile=smoke", cwd=repo, env=env)
+    return repo, env
+
+
+def test_exp_run_composes_the_smoke_profile(smoke_repo):
+    repo, _ = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / "conf/profile/smoke.yaml").read_text())
+    assert params["profile_name"] == "smoke" and params["synthesis"] == smoke["synthesis"]
+
+
+def test_data_stages_write_every_split_with_manifests(smoke_repo):
+    repo, _ = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    sizes = params["synthesis"]
+    counts = {"train": sizes["train_patches"], "val": sizes["val_crops"], "test": sizes["test_crops"]}
+    for name in params["degradations"]:
+        for split, count in counts.items():
+            folder = repo / "data/degraded" / name / split
+            records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+            assert len(records) == count
+            assert all((folder / r["lq"]).is_file() and (folder / r["gt"]).is_file() for r in records)
+            assert all(r["params"] and r["degradation"] == name for r in records)
+    for mix in params["mixed"]:
+        assert (repo / "data/mixed" / "+".join(mix) / "test/manifest.jsonl").is_file()
+    manifest = json.loads((repo / "data/clean/manifest.json").read_text())
+    split_of = {r["name"]: r["split"] for r in manifest["images"]}
+    train_sources = {json.loads(line)["source"] for line in
+                     (repo / "data/degraded/noise/train/manifest.jsonl").read_text().splitlines()}
+    test_sources = {json.loads(line)["source"] for line in
+                    (repo / "data/degraded/noise/test/manifest.jsonl").read_text().splitlines()}
+    assert {split_of[s] for s in train_sources} == {"train"} and {split_of[s] for s in test_sources} == {"test"}
+
+
+def test_second_repro_is_up_to_date_and_rerun_is_byte_identical(smoke_repo):
+    repo, env = smoke_repo
+    out = _dvc("repro", cwd=repo, env=env).stdout
+    assert "Running stage" not in out and "up to date" in out
+    lock_before = (repo / "dvc.lock").read_text()
+    _dvc("repro", "--force", "--single-item", "synthesize@haze", cwd=repo, env=env)
+    assert (repo / "dvc.lock").read_text() == lock_before, "same params and seed must give the same bytes"
+    assert _changed_stages(repo, env) == set()
+
+
+def test_changing_one_degradation_invalidates_only_its_stages(smoke_repo):
+    repo, env = smoke_repo
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["degradations"]["jpeg"]["transform"]["transforms"][0]["quality_range"] = [20, 50]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = _changed_stages(repo, env)
+    finally:
+        params_file.write_text(original)
+    assert {s for s in changed if s.startswith("synthesize@")} == {"synthesize@jpeg"}
+    assert changed == {"synthesize@jpeg", "synthesize_mixed"}  # the mixes that use jpeg are rebuilt too
