@@ -7,14 +7,13 @@ with OpenCV; Pillow is used to validate the file and to read its EXIF orientatio
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -128,21 +127,6 @@ def to_rgb8(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.ascontiguousarray(array), conversions
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_image(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> None:
     """Write an ``HxW[xC]`` uint8/uint16 array atomically; the format follows the file extension."""
     path = Path(path)
@@ -157,3 +141,14 @@ def write_image(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), array, params):
             raise OSError(f"could not write {path} (extension {path.suffix!r})")
+
+
+def tile(images: list[np.ndarray], columns: int) -> np.ndarray:
+    """Same-size HxWxC images in a grid, row by row (missing cells black)."""
+    h, w, c = images[0].shape
+    rows = -(-len(images) // columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=images[0].dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    return grid

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageReadError, atomic_path, read_image, to_rgb8, write_image
+from pipeline.files import atomic_path
+from pipeline.images import ImageReadError, read_image, to_rgb8, write_image
 
 from .images import rgb, write_odd_files
 

@@ -109,4 +109,64 @@ def test_changing_one_degradation_invalidates_only_its_stages(smoke_repo):
     finally:
         params_file.write_text(original)
     assert {s for s in changed if s.startswith("synthesize@")} == {"synthesize@jpeg"}
-    assert changed == {"synthesize@jpeg", "synthesize_mixed"}  # the mixes that use jpeg are rebuilt too
+    assert not {s for s in changed if s.startswith("train_lora@")}, "no other adapter retrains"
+    # the mixes, and whatever reads every degradation's definition (baselines on the union, router, evaluation)
+    assert changed == {"synthesize@jpeg", "synthesize_mixed", "train_multitask", "train_shared_lora", "fit_router",
+                       "evaluate"}
+
+
+def test_models_are_on_disk_in_their_formats(smoke_repo):
+    repo, _ = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert (repo / "models/backbone/diffusion_pytorch_model.safetensors").is_file()
+    assert (repo / "models/backbone/scheduler_config.json").is_file()
+    for name in params["degradations"]:
+        adapter = repo / "models/loras" / name
+        assert {"adapter_config.json", "adapter_model.safetensors", "restoration.json"} <= {p.name for p in adapter.iterdir()}
+    assert (repo / "models/multitask/diffusion_pytorch_model.safetensors").is_file()
+    assert (repo / "models/shared_lora/adapter_model.safetensors").is_file()
+    assert {p.name for p in (repo / "models/router").iterdir()} == {"config.json", "model.safetensors"}
+    assert (repo / "reports/backbone_samples.png").is_file()
+
+
+def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo):
+    repo, _ = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stages = ["pretrain_backbone", "train_multitask", "train_shared_lora", "fit_router", "evaluate"]
+    stages += [f"train_lora@{d}" for d in params["degradations"]]
+    for stage in stages:
+        pointer = json.loads((repo / "reports/wandb" / f"{stage}.json").read_text())
+        assert pointer["name"] == stage and pointer["mode"] == "offline"
+        assert pointer["group"] and not pointer["group"].startswith("repro-")  # the DVC experiment name
+        assert list((repo / pointer["dir"]).glob("*.wandb")), stage
+
+
+def test_evaluation_writes_every_output(smoke_repo):
+    repo, env = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    methods = {"input", "oracle_lora", "uir_lora", "uir_lora_top1", "multitask", "shared_lora"}
+    for kind in ("single", "mixed"):
+        assert set(metrics[kind]) == methods
+        assert all({"psnr", "ssim"} == set(v) for v in metrics[kind].values())
+    assert 0 <= metrics["router"]["top1_accuracy"] <= 1 and 0 <= metrics["router"]["top2_recall_mixed"] <= 1
+    single = (repo / "reports/single.csv").read_text().splitlines()
+    mixed = (repo / "reports/mixed.csv").read_text().splitlines()
+    assert single[0].split(",") == ["set", *["input", "oracle_lora", "uir_lora", "uir_lora_top1", "multitask", "shared_lora"]]
+    assert len(single) == 1 + len(params["degradations"]) and len(mixed) == 1 + len(params["mixed"])
+    for chart in ("psnr.png", "router_confusion.png"):
+        assert (repo / "reports/plots" / chart).stat().st_size > 1000
+    sets = list(params["degradations"]) + ["+".join(m) for m in params["mixed"]]
+    assert {p.stem for p in (repo / "reports/samples").glob("*.png")} == set(sets)
+    shown = _dvc("metrics", "show", cwd=repo, env=env).stdout
+    assert "single.uir_lora.psnr" in shown and "mixed.multitask.psnr" in shown
+
+
+def test_an_experiment_compares_with_metrics_diff(smoke_repo):
+    repo, env = smoke_repo
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "smoke baseline"], repo, env)
+    _dvc("exp", "run", "-S", "router.top_k=1", cwd=repo, env=env)
+    diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
+    assert "top1_recall_mixed" in diff or "top2_recall_mixed" in diff
+    assert "reports/metrics.json" in diff

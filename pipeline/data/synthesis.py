@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline.data.degradations import Degradation, sample_seed
 from pipeline.images import read_image, write_image
-from pipeline.manifests import read_json, write_jsonl
+from pipeline.files import read_json, write_jsonl
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 
@@ -102,3 +102,24 @@ def synthesize_split(
 
 def image_sizes(images: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
     return {name: image.shape[:2] for name, image in images.items()}
+
+
+def mixed_patches(
+    degradations: dict, names: list[str], images: dict[str, np.ndarray], patch: int, count: int, seed: int
+) -> list[tuple[np.ndarray, list[str]]]:
+    """``count`` patches, each degraded by a random pair of ``names`` (applied in ``names`` order).
+
+    For router training and validation on mixes; built from one split's clean images, in memory.
+    """
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    if not pairs:
+        return []
+    mixes = {pair: Degradation.from_params(degradations, list(pair)) for pair in pairs}
+    rng = np.random.default_rng(sample_seed(seed, "mixed-patches"))
+    boxes = train_boxes(image_sizes(images), patch, count, seed)
+    out = []
+    for index, (name, box) in enumerate(boxes):
+        pair = pairs[int(rng.integers(len(pairs)))]
+        degraded, _ = mixes[pair](crop(images[name], box), sample_seed(seed, "mixed-patches", index))
+        out.append((degraded, list(pair)))
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.data.sources import load_embedded, load_folder, split_by_image
 from pipeline.images import write_image
-from pipeline.manifests import write_json
+from pipeline.files import write_json
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""The frozen generative backbone, its LoRA adapters, and what composes them."""

@@ -1,0 +1,124 @@
+"""The degradation-aware router: an image encoder maps a degraded image to an embedding ``d``; each
+degradation has a prototype ``b_i``; similarities ``s = d̂·B̂ᵀ / τ`` (cosine over a temperature) are
+turned into weights over the trained LoRAs by keeping the top-K and renormalising.
+
+An input whose best cosine similarity is below ``threshold`` (calibrated on validation data) is
+flagged as an unknown degradation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline.files import atomic_dir
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class RouterConfig:
+    names: list[str]
+    embed_dim: int = 64
+    width: int = 16
+    temperature: float = 0.1
+    top_k: int = 2
+    threshold: float = -1.0  # best cosine similarity below this: unknown degradation
+    prototypes: str = "learned"  # learned | text
+
+
+@dataclass
+class Routing:
+    """Weights (B, N) summing to one over the kept adapters, raw cosine similarities, unknown flags."""
+
+    weights: torch.Tensor
+    similarity: torch.Tensor
+    unknown: torch.Tensor
+
+
+def top_k_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Softmax over ``logits`` (B, N), keep the ``k`` largest per row, renormalise to sum one.
+
+    Ties keep the lower index (a stable sort), so routing is deterministic; ``k >= N`` keeps all.
+    """
+    if k < 1:
+        raise ValueError(f"top-K needs K >= 1, got {k}")
+    probs = logits.softmax(dim=-1)
+    k = min(k, probs.shape[-1])
+    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+    kept = torch.zeros_like(probs).scatter(-1, order, probs.gather(-1, order))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+class DegradationRouter(torch.nn.Module):
+    def __init__(self, config: RouterConfig, prototypes: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        w, n = config.width, len(config.names)
+
+        def block(c_in: int, c_out: int, stride: int) -> list[torch.nn.Module]:
+            return [torch.nn.Conv2d(c_in, c_out, 3, stride, 1), torch.nn.GroupNorm(4, c_out), torch.nn.GELU()]
+
+        # Full resolution first: noise, JPEG blocks and blur live in the highest frequencies.
+        self.encoder = torch.nn.Sequential(*block(3, w, 1), *block(w, w, 1), *block(w, 2 * w, 2),
+                                           *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2))
+        self.head = torch.nn.Linear(8 * w, config.embed_dim)  # mean and std pooled features
+        if config.prototypes == "text":
+            if prototypes is None or prototypes.shape != (n, config.embed_dim):
+                raise ValueError(f"text prototypes must be given as ({n}, {config.embed_dim})")
+            self.register_buffer("prototypes", prototypes.float())
+        else:
+            self.prototypes = torch.nn.Parameter(torch.randn(n, config.embed_dim) if prototypes is None else prototypes)
+
+    @property
+    def names(self) -> list[str]:
+        return self.config.names
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of images (B×3×H×W on [-1, 1]); any size at least 8×8."""
+        features = self.encoder(images)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.std(dim=(2, 3))], dim=1)
+        return F.normalize(self.head(pooled), dim=-1)
+
+    def similarity(self, images: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (B, N) of each image's embedding to each degradation's prototype."""
+        return self.embed(images) @ F.normalize(self.prototypes, dim=-1).T
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``s / τ`` (B, N)."""
+        return self.similarity(images) / self.config.temperature
+
+    @torch.no_grad()
+    def route(self, images: torch.Tensor, top_k: int | None = None) -> Routing:
+        similarity = self.similarity(images)
+        weights = top_k_weights(similarity / self.config.temperature, top_k or self.config.top_k)
+        unknown = similarity.max(dim=-1).values < self.config.threshold
+        return Routing(weights=weights, similarity=similarity, unknown=unknown)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        with atomic_dir(path) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "DegradationRouter":
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path} holds no router ({CONFIG_FILE} / {WEIGHTS_FILE}): run `dvc repro fit_router`")
+        config = RouterConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        state = load_file(str(path / WEIGHTS_FILE))
+        router = cls(config, prototypes=state["prototypes"])
+        router.load_state_dict(state)
+        return router.eval()
+
+    def check_adapters(self, adapter_names: Sequence[str]) -> None:
+        """The router's degradations must be exactly the adapters it routes to, in the same order."""
+        if list(adapter_names) != self.names:
+            raise ValueError(f"router was fitted for {self.names}, but the adapters are {list(adapter_names)}")

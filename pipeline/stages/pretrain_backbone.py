@@ -1,0 +1,74 @@
+"""DVC stage ``pretrain_backbone``: the shared generative model, a UNet2DModel DDPM on clean patches.
+
+Writes ``<out>/`` (``save_pretrained``: UNet config + safetensors, scheduler config), a sample grid
+drawn from the model, validation metrics (one-step denoising PSNR at several noise levels), and
+``reports/wandb/pretrain_backbone.json``. With ``backbone.pretrained`` set, that UNet2DModel folder is
+evaluated and used instead of training one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import load_params
+from pipeline.data.datasets import CleanPatchDataModule, to_uint8
+from pipeline.files import atomic_dir, write_json
+from pipeline.images import tile, write_image
+from pipeline.models.backbone import build_scheduler, build_unet, count_parameters, load_backbone, save_backbone
+from pipeline.models.sampling import sample
+from pipeline.tracking import finish, log_model_folder, make_logger
+from pipeline.training.backbone import BackboneDDPM
+from pipeline.training.trainer import build_trainer, fit
+
+STAGE = "pretrain_backbone"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--clean", default="data/clean")
+    parser.add_argument("--out", default="models/backbone")
+    parser.add_argument("--samples", default="reports/backbone_samples.png")
+    parser.add_argument("--metrics", default="reports/pretrain_backbone.json")
+    parser.add_argument("--checkpoints", default="checkpoints/pretrain_backbone")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    cfg = params.backbone
+    train = cfg.train
+
+    if cfg.pretrained:
+        unet, scheduler = load_backbone(cfg.pretrained)
+    else:
+        unet, scheduler = build_unet(cfg.architecture), build_scheduler(cfg.schedule)
+    module = BackboneDDPM(unet, scheduler, lr=train.lr, weight_decay=train.weight_decay, ema_decay=train.ema_decay,
+                          warmup_steps=train.warmup_steps, max_steps=train.max_steps, val_sigmas=list(train.val_sigmas))
+    datamodule = CleanPatchDataModule(args.clean, train.patch_size, train.batch_size, train.steps_per_epoch,
+                                      train.val_patches, params.trainer.num_workers)
+    logger = make_logger(params, STAGE, job_type=STAGE)
+    sizes = count_parameters(unet)
+    logger.log_hyperparams({"model/parameters_total": sizes["total"]})
+    trainer = build_trainer(params, train.max_steps, train.val_every, logger, args.checkpoints)
+    if cfg.pretrained:
+        module.ema.module.load_state_dict(unet.state_dict())
+        trainer.validate(module, datamodule=datamodule)
+    else:
+        fit(trainer, module, datamodule, train.val_every)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final = module.ema_unet.eval()
+
+    with atomic_dir(args.out) as tmp:
+        save_backbone(tmp, final, scheduler)
+    drawn = sample(final, scheduler, cfg.sample.count, cfg.architecture.sample_size, cfg.sample.steps, params.seed)
+    grid = tile([to_uint8(x) for x in drawn], columns=cfg.sample.columns)
+    write_image(args.samples, grid)
+    logger.log_image(key="samples", images=[grid], caption=[f"{cfg.sample.steps}-step DDIM samples"])
+    metrics.update(parameters_total=sizes["total"], steps=int(trainer.global_step))
+    log_model_folder(logger, STAGE, args.out, metrics)
+    write_json(args.metrics, metrics)
+    finish(logger, STAGE)
+    print(f"{STAGE}: {sizes['total'] / 1e6:.2f} M parameters; " +
+          ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("val/")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""LightningModules (DDPM pre-training, one-step restoration) and the Trainer factory."""

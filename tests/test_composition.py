@@ -1,0 +1,132 @@
+"""Per-sample LoRA composition is exact: held against PEFT's own single adapters and its `cat` merge."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from pipeline.models.adapters import attach_lora, lora_config, save_adapter
+from pipeline.models.backbone import build_scheduler, build_unet, load_backbone, save_backbone
+from pipeline.models.composition import AdapterComposition
+
+NAMES = ["noise", "blur", "haze"]
+SETTINGS = {
+    "noise": ({"rank": 4, "alpha": 4, "targets": ["conv1", "conv2"]}, 200),
+    "blur": ({"rank": 2, "alpha": 4, "targets": ["conv1", "conv2"]}, 120),
+    "haze": ({"rank": 8, "alpha": 8, "targets": ["conv1", "conv2"]}, 400),
+}
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, params):
+    root = tmp_path_factory.mktemp("composition")
+    arch = {**params.backbone.architecture, "block_out_channels": [8, 16], "norm_num_groups": 4,
+            "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    torch.manual_seed(0)
+    save_backbone(root / "backbone", build_unet(arch), build_scheduler(params.backbone.schedule))
+    for i, name in enumerate(NAMES):
+        settings, t_star = SETTINGS[name]
+        unet, _ = load_backbone(root / "backbone")
+        model = attach_lora(unet, lora_config(settings))
+        torch.manual_seed(i + 1)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_" in pname:
+                    p.normal_(0, 0.2)
+        save_adapter(model, root / name, name, t_star)
+    return root
+
+
+@pytest.fixture()
+def composition(folders):
+    return AdapterComposition.from_pretrained(folders / "backbone", {n: folders / n for n in NAMES})
+
+
+def _inputs(batch=3):
+    torch.manual_seed(7)
+    return torch.randn(batch, 3, 16, 16), torch.tensor([50, 300, 700][:batch])
+
+
+def _peft_single(folders, name, x, t):
+    unet, _ = load_backbone(folders / "backbone")
+    with torch.no_grad():
+        return PeftModel.from_pretrained(unet, str(folders / name)).eval()(x, t).sample
+
+
+@pytest.mark.parametrize("index", range(len(NAMES)))
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_one_hot_weights_equal_that_single_adapter(folders, composition, index, per_sample):
+    x, t = _inputs()
+    weights = torch.nn.functional.one_hot(torch.tensor(index), len(NAMES)).float()
+    if per_sample:  # force the per-sample path: the other rows differ
+        weights = torch.stack([weights, torch.zeros(len(NAMES)), weights])
+    with torch.no_grad():
+        got = composition.unet(x, t, weights)
+    expected = _peft_single(folders, NAMES[index], x, t)
+    rows = [0, 2] if per_sample else [0, 1, 2]
+    assert (got[rows] - expected[rows]).abs().max() <= TOL
+
+
+def test_zero_weights_equal_the_bare_backbone(folders, composition):
+    x, t = _inputs()
+    unet, _ = load_backbone(folders / "backbone")
+    with torch.no_grad():
+        expected = unet(x, t).sample
+        assert (composition.unet(x, t, torch.zeros(len(NAMES))) - expected).abs().max() <= TOL
+        mixed = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+        assert (composition.unet(x, t, mixed)[[0, 2]] - expected[[0, 2]]).abs().max() <= TOL
+
+
+def _cat_reference(folders, weights, x, t):
+    unet, _ = load_backbone(folders / "backbone")
+    model = PeftModel.from_pretrained(unet, str(folders / NAMES[0]), adapter_name=NAMES[0])
+    for name in NAMES[1:]:
+        model.load_adapter(str(folders / name), adapter_name=name)
+    model.add_weighted_adapter(NAMES, weights.tolist(), adapter_name="cat", combination_type="cat")
+    model.set_adapter("cat")
+    with torch.no_grad():
+        return model.eval()(x, t).sample
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3, 0.0], [0.2, 0.5, 0.3], [1.5, -0.5, 0.25]])
+def test_arbitrary_weights_equal_peft_cat_merge(folders, composition, weights):
+    weights = torch.tensor(weights)
+    x, t = _inputs()
+    with torch.no_grad():
+        got = composition.unet(x, t, weights)
+    assert (got - _cat_reference(folders, weights, x, t)).abs().max() <= TOL
+
+
+def test_per_sample_weights_in_one_batch_equal_each_sample_alone(folders, composition):
+    per_sample = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
+    x, t = _inputs()
+    with torch.no_grad():
+        got = composition.unet(x, t, per_sample)
+    for b in range(3):
+        expected = _cat_reference(folders, per_sample[b], x[b : b + 1], t[b : b + 1])
+        assert (got[b : b + 1] - expected).abs().max() <= TOL
+
+
+def test_composition_leaves_no_state_behind(composition):
+    x, t = _inputs()
+    with torch.no_grad():
+        first = composition.unet(x, t, torch.tensor([0.2, 0.5, 0.3]))
+        composition.unet(x, t, torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]))
+        composition.unet(x, t, torch.tensor([0.0, 0.0, 0.0]))
+        assert torch.equal(first, composition.unet(x, t, torch.tensor([0.2, 0.5, 0.3])))
+    assert not any(p.requires_grad for p in composition.parameters())
+
+
+def test_timestep_is_the_weight_average_of_the_adapters_t_star(composition):
+    weights = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0.2, 0.0, 0.6]])
+    assert composition.timesteps(weights).tolist() == [200, 160, 240, 350]
+
+
+def test_restore_keeps_shape_and_rejects_bad_weights(composition):
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert composition.restore(y, composition.weights_for({"noise": 1.0})).shape == y.shape
+    with pytest.raises(ValueError, match=r"weights must be \(2, 3\)"):
+        composition.restore(y, torch.ones(2, 2))
+    with pytest.raises(KeyError, match="no adapter for \\['snow'\\]"):
+        composition.weights_for({"snow": 1.0})

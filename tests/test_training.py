@@ -1,0 +1,141 @@
+"""LightningModules on tiny data: fast_dev_run, what trains, what is saved."""
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+
+from pipeline.config import load_params
+from pipeline.data.datasets import CleanPatchDataModule, RestorationDataModule
+from pipeline.models.adapters import attach_lora, lora_config, read_restoration_settings, save_adapter
+from pipeline.models.backbone import OneStepReadout, build_scheduler, build_unet, load_backbone, save_backbone
+from pipeline.training.backbone import BackboneDDPM
+from pipeline.training.restoration import OneStepRestoration
+
+from .wandb_records import run_contents
+
+
+@pytest.fixture(scope="module")
+def params(tiny_project):
+    return load_params(tiny_project / "params.yaml")
+
+
+@pytest.fixture()
+def backbone(params):
+    torch.manual_seed(0)
+    return build_unet(params.backbone.architecture), build_scheduler(params.backbone.schedule)
+
+
+def _trainer(**kwargs):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
+def _restoration(network, scheduler, tasks=("noise",), t_star=(200,)):
+    return OneStepRestoration(network, OneStepReadout(scheduler), list(tasks), list(t_star), lr=1e-3,
+                              weight_decay=0.0, warmup_steps=1, max_steps=4, panel_images=0)
+
+
+def test_backbone_ddpm_fast_dev_run(tiny_project, params, backbone):
+    unet, scheduler = backbone
+    before = {n: p.clone() for n, p in unet.named_parameters()}
+    module = BackboneDDPM(unet, scheduler, lr=1e-3, weight_decay=0.0, ema_decay=0.9, warmup_steps=1, max_steps=2,
+                          val_sigmas=[25])
+    datamodule = CleanPatchDataModule(tiny_project / "data/clean", 32, 4, 2, 4)
+    trainer = _trainer(fast_dev_run=True)
+    trainer.fit(module, datamodule=datamodule)
+    assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters())
+    assert {"val/psnr_sigma25", "val/psnr_input_sigma25"} <= set(trainer.callback_metrics)
+
+
+@pytest.mark.parametrize("kind", ["lora", "multitask"])
+def test_restoration_fast_dev_run(tiny_project, backbone, kind):
+    unet, scheduler = backbone
+    roots = [tiny_project / "data/degraded/noise", tiny_project / "data/degraded/jpeg"]
+    if kind == "lora":
+        network = attach_lora(unet.requires_grad_(False), lora_config({"rank": 4, "alpha": 4, "targets": ["conv1", "conv2"]}))
+    else:
+        network = unet.requires_grad_(True)
+    module = _restoration(network, scheduler, ("noise", "jpeg"), (200, 120))
+    trainer = _trainer(fast_dev_run=True)
+    trainer.fit(module, datamodule=RestorationDataModule(roots, batch_size=4))
+    metrics = trainer.callback_metrics
+    assert {"val/psnr", "val/ssim", "val/input_psnr", "val/psnr/noise"} <= set(metrics)  # one val batch: noise only
+    assert module.best_state is not None and module.load_best()["val/psnr"] == pytest.approx(float(metrics["val/psnr"]))
+
+
+def test_lora_training_leaves_the_backbone_bit_identical_and_only_lora_gets_gradients(tiny_project, backbone):
+    unet, scheduler = backbone
+    frozen = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    model = attach_lora(unet, lora_config({"rank": 4, "alpha": 4, "targets": ["conv1", "conv2", "conv_in"]}))
+    with_grad = set()
+
+    class RecordGradients(L.Callback):
+        def on_after_backward(self, trainer, module):
+            with_grad.update(n for n, p in module.network.named_parameters() if p.grad is not None)
+
+    module = _restoration(model, scheduler)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer = _trainer(max_steps=4, limit_val_batches=0, callbacks=[RecordGradients()])
+    trainer.fit(module, datamodule=RestorationDataModule([tiny_project / "data/degraded/noise"], batch_size=4))
+
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert any(not torch.equal(lora_before[n], p) for n, p in model.named_parameters() if n in lora_before)
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            original = name.replace(".base_layer", "")
+            assert torch.equal(param, frozen[original]), f"{name} changed"
+
+
+def test_saved_adapter_reloads_with_peft_to_the_same_outputs(tmp_path, backbone):
+    unet, scheduler = backbone
+    save_backbone(tmp_path / "backbone", unet, scheduler)
+    base, _ = load_backbone(tmp_path / "backbone")
+    model = attach_lora(base, lora_config({"rank": 4, "alpha": 8, "targets": ["conv1", "conv2"]}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # a trained adapter, not the zero-initialised one
+    save_adapter(model, tmp_path / "adapter", "noise", 200)
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert read_restoration_settings(tmp_path / "adapter") == {"degradation": "noise", "t_star": 200}
+
+    fresh, _ = load_backbone(tmp_path / "backbone")
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([200, 200])
+    with torch.no_grad():
+        expected, got = model(x, t).sample, reloaded(x, t).sample
+        assert torch.equal(expected, got)
+        assert not torch.allclose(got, fresh.get_base_model()(x, t).sample if hasattr(fresh, "get_base_model") else got + 1)
+
+
+def test_train_lora_stage_logs_a_real_offline_wandb_run(tiny_project, monkeypatch):
+    """The stage end to end; the W&B run's own .wandb file holds the config, the metrics and an image."""
+    from pipeline.stages import pretrain_backbone, train_lora
+
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("DVC_EXP_NAME", "test-exp")
+    pretrain_backbone.main([])
+    train_lora.main(["noise", "--data", "data/degraded/noise", "--out", "models/loras/noise",
+                     "--metrics", "reports/train_lora/noise.json", "--checkpoints", "checkpoints/lora_noise"])
+
+    metrics = json.loads(Path("reports/train_lora/noise.json").read_text())
+    assert {"val/psnr", "val/input_psnr", "val/ssim", "psnr_gain", "adapter_parameters"} <= set(metrics)
+    pointer = json.loads(Path("reports/wandb/train_lora@noise.json").read_text())
+    assert pointer["mode"] == "offline" and pointer["group"] == "test-exp" and pointer["job_type"] == "train_lora"
+    run = run_contents(pointer["dir"])
+    assert {"seed", "lora", "degradations", "synthesis", "model/parameters_trainable"} <= set(run["config"])
+    assert run["config"]["lora"]["adapter"]["rank"] == 8
+    assert {"train/loss", "val/psnr", "val/ssim", "val/input_psnr"} <= run["history"]
+    assert {"val/panel/_type", "val/panel/filenames"} <= run["history"]
+    (panel,) = run["values"]["val/panel/filenames"][0]
+    assert (Path(pointer["dir"]) / "files" / panel).is_file()
+    assert any(p.name.endswith(".wandb") for p in Path(pointer["dir"]).iterdir())
+    assert Path("models/loras/noise/adapter_model.safetensors").is_file()
+    assert Path("reports/backbone_samples.png").is_file()
