@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python`: the one in the project venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-fast params
+.PHONY: repro test test-fast params results
 repro: $(STAMP)  ## run the whole study (dvc repro) on the embedded default data
 	$(BIN)/dvc repro
 
@@ -24,3 +24,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+results: $(STAMP)  ## rewrite the README's Results section and docs/ sample from the last `dvc repro`
+	$(BIN)/python -m pipeline.evaluation.results

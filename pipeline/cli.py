@@ -1,5 +1,7 @@
 """``uir``: the command line of the project.
 
+    uir restore INPUT... -o OUTDIR                               restore files, folders, globs
+    uir info [--models models]                                   what a models folder holds
     uir sample --backbone models/backbone -n 16 -o samples.png   draw images from the backbone
     uir stage NAME [ARGS...]                                     run one pipeline stage (as DVC does)
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from pipeline.restore_cli import info_main, restore_main
 
 STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "train_lora", "train_multitask",
           "train_shared_lora", "fit_router", "evaluate")
@@ -27,10 +31,38 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.count} samples ({size}x{size}, {args.steps} DDPM steps) to {args.output}")
 
 
+def _exit(code: int) -> None:
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="uir", description="UIR-LoRA: universal image restoration with LoRA adapters")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    restore = commands.add_parser("restore", help="restore images (files, folders, globs)")
+    restore.add_argument("inputs", nargs="+", metavar="INPUT")
+    restore.add_argument("-o", "--output", required=True, help="output folder (inputs are never overwritten)")
+    restore.add_argument("--models", default="models", help="models folder written by `dvc repro`")
+    restore.add_argument("--top-k", type=int, default=None, help="adapters kept per image (default: the router's K)")
+    forced = restore.add_mutually_exclusive_group()
+    forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
+    forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
+    restore.add_argument("--unknown", choices=["identity", "route"], default="identity",
+                         help="when the router does not recognise the degradation: leave the image as it is "
+                              "(identity) or use its top-K anyway (route)")
+    restore.add_argument("--tile", type=int, default=256, help="tile side in pixels for large images")
+    restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")
+    restore.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    restore.add_argument("--json", action="store_true", help="print a JSON report on standard output")
+    restore.set_defaults(run=lambda a: _exit(restore_main(a)))
+
+    info = commands.add_parser("info", help="describe a models folder")
+    info.add_argument("--models", default="models")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=lambda a: _exit(info_main(a)))
 
     sample = commands.add_parser("sample", help="draw images from the generative backbone")
     sample.add_argument("--backbone", default="models/backbone")
@@ -50,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"uir {args.command}: {error}") from None
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise SystemExit(f"uir {args.command}: {error.args[0] if isinstance(error, KeyError) else error}") from None
 
 
 if __name__ == "__main__":

@@ -48,3 +48,33 @@ def tiny_project(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A complete models folder (backbone, `noise` and `blur` LoRAs, router) with random weights:
+    what `dvc repro` writes, in seconds."""
+    import torch
+
+    from pipeline.models.adapters import attach_lora, lora_config, save_adapter
+    from pipeline.models.backbone import build_scheduler, build_unet, load_backbone, save_backbone
+    from pipeline.models.router import DegradationRouter, RouterConfig
+
+    root = tmp_path_factory.mktemp("models")
+    params = OmegaConf.load(ROOT / "params.yaml")
+    arch = {**params.backbone.architecture, "block_out_channels": [8, 16, 16], "norm_num_groups": 4,
+            "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
+    torch.manual_seed(0)
+    save_backbone(root / "backbone", build_unet(arch), build_scheduler(params.backbone.schedule))
+    for seed, (name, t_star) in enumerate([("noise", 200), ("blur", 120)]):
+        unet, _ = load_backbone(root / "backbone")
+        model = attach_lora(unet, lora_config({"rank": 2, "alpha": 2, "targets": ["conv1", "conv2"]}))
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.05)
+        save_adapter(model, root / "loras" / name, name, t_star)
+    torch.manual_seed(0)
+    DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4)).save_pretrained(root / "router")
+    return root

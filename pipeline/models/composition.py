@@ -46,12 +46,18 @@ class AdapterComposition(torch.nn.Module):
             raise ValueError("no adapters to compose")
         unet, scheduler = load_backbone(backbone)
         settings = {name: read_restoration_settings(path) for name, path in adapters.items()}
+        for name, path in adapters.items():
+            if settings[name].get("degradation") != name:
+                raise ValueError(f"{path} holds the adapter for {settings[name].get('degradation')!r}, not {name!r}")
         model = None
         for name, path in adapters.items():
-            if model is None:
-                model = PeftModel.from_pretrained(unet, str(path), adapter_name=name, is_trainable=False)
-            else:
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            try:
+                if model is None:
+                    model = PeftModel.from_pretrained(unet, str(path), adapter_name=name, is_trainable=False)
+                else:
+                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            except RuntimeError as error:  # shape mismatch: trained on another backbone
+                raise ValueError(f"adapter {path} does not fit the backbone {backbone}: {str(error).splitlines()[0]}") from None
         return cls(model, list(adapters), [settings[n]["t_star"] for n in adapters], OneStepReadout(scheduler))
 
     def _mix(self, layer: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:

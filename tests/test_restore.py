@@ -1,0 +1,208 @@
+"""`uir restore`, `uir info` and the Python API on small generated images."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main as uir
+from pipeline.images import read_image
+from pipeline.models.restorer import ModelsFolderError, UniversalRestorer
+from pipeline.models.router import DegradationRouter, RouterConfig
+
+from .conftest import ROOT
+from .images import rgb, write_odd_files
+
+TESTSETS = ROOT.parent / "shared" / "data" / "testsets"
+
+
+@pytest.fixture(scope="module")
+def restorer(tiny_models):
+    return UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "pil", "tensor"])
+def test_restore_returns_the_kind_it_was_given(restorer, kind):
+    image = rgb(40, 56)
+    given = {"numpy": image, "pil": Image.fromarray(image), "tensor": torch.from_numpy(image).permute(2, 0, 1) / 255}[kind]
+    out = restorer.restore(given)
+    assert type(out) is type(given)
+    back = {"numpy": lambda o: o, "pil": np.asarray, "tensor": lambda o: (o.permute(1, 2, 0) * 255).round().byte().numpy()}[kind](out)
+    assert back.shape == image.shape and back.dtype == np.uint8
+    assert np.abs(back.astype(int) - image).mean() > 0.1, "a restored image differs from its input"
+
+
+def test_route_returns_weights_by_name(restorer):
+    weights = restorer.route(rgb(48, 48))
+    assert set(weights) <= {"noise", "blur"} and sum(weights.values()) == pytest.approx(1.0)
+    assert list(restorer.route(rgb(48, 48), top_k=1).values()) == [1.0]
+
+
+@pytest.mark.parametrize("channels,dtype", [(1, np.uint8), (4, np.uint8), (3, np.uint16), (1, np.uint16)])
+def test_grayscale_alpha_and_16_bit_are_kept(restorer, channels, dtype):
+    image = rgb(40, 40).astype(dtype) * (257 if dtype == np.uint16 else 1)
+    image = {1: image[..., :1], 3: image, 4: np.concatenate([image, np.full_like(image[..., :1], 123)], 2)}[channels]
+    out = restorer.restore(image, weights={"noise": 1.0})
+    assert out.shape == image.shape and out.dtype == dtype
+    if channels == 4:
+        assert np.array_equal(out[..., 3], image[..., 3]), "alpha must pass through untouched"
+    if dtype == np.uint16:
+        assert len(np.unique(out)) > 256, "16-bit output keeps more than 8 bits of levels"
+
+
+def test_tiling_blends_tiles_back_exactly(tiny_models, monkeypatch):
+    """With a pixel-wise stand-in for the network, tiles, overlaps and the ramp blend reconstruct the image."""
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
+    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights: torch.tanh(y * 1.5))
+    image = rgb(70, 90, seed=3)
+    tiled = restorer.restore(image, weights={"noise": 1.0})
+    expected = np.round((np.tanh((image / 127.5 - 1) * 1.5) + 1) * 127.5)
+    assert np.abs(tiled.astype(int) - expected).max() <= 1
+
+
+TRAINED = ROOT / "models"
+
+
+@pytest.mark.skipif(not (TRAINED / "router/config.json").is_file(), reason="no trained models/ (run `make repro`)")
+def test_tiled_result_matches_the_untiled_one_on_the_trained_models():
+    """GroupNorm sees each tile's own statistics, so tiles cannot match exactly; the bound is measured."""
+    import skimage.data
+
+    image = skimage.data.coffee()[:256, :384]
+    whole = UniversalRestorer.from_pretrained(TRAINED, tile=512).restore(image, weights={"noise": 1.0})
+    tiled = UniversalRestorer.from_pretrained(TRAINED, tile=128, overlap=32).restore(image, weights={"noise": 1.0})
+    difference = np.abs(whole.astype(int) - tiled.astype(int))
+    assert difference.mean() < TILE_MEAN_BOUND and np.percentile(difference, 99) < TILE_P99_BOUND
+
+
+def test_too_small_images_are_a_clear_error(restorer):
+    with pytest.raises(ValueError, match="too small"):
+        restorer.restore(rgb(8, 40))
+
+
+def test_forced_mix_with_an_unknown_name(restorer):
+    with pytest.raises(KeyError, match="no adapter for"):
+        restorer.restore(rgb(32, 32), weights={"snow": 1.0})
+
+
+def test_missing_or_incomplete_models_folder_names_the_stage(tmp_path, tiny_models):
+    with pytest.raises(ModelsFolderError, match="dvc repro pretrain_backbone"):
+        UniversalRestorer.from_pretrained(tmp_path)
+    shutil.copytree(tiny_models, tmp_path / "models")
+    shutil.rmtree(tmp_path / "models/loras/blur")
+    with pytest.raises(ModelsFolderError, match=r"dvc repro train_lora@blur"):
+        UniversalRestorer.from_pretrained(tmp_path / "models")
+
+
+def test_mismatched_adapters_are_refused(tmp_path, tiny_models):
+    shutil.copytree(tiny_models, tmp_path / "models")
+    shutil.copy(tmp_path / "models/loras/noise/restoration.json", tmp_path / "models/loras/blur/restoration.json")
+    with pytest.raises(ValueError, match="holds the adapter for 'noise', not 'blur'"):
+        UniversalRestorer.from_pretrained(tmp_path / "models")
+
+
+def test_an_adapter_of_another_backbone_is_refused(tmp_path, tiny_models, params):
+    from pipeline.models.adapters import attach_lora, lora_config, save_adapter
+    from pipeline.models.backbone import build_scheduler, build_unet
+
+    shutil.copytree(tiny_models, tmp_path / "models")
+    other = build_unet({**params.backbone.architecture, "block_out_channels": [4, 8, 8], "norm_num_groups": 4,
+                        "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3})
+    shutil.rmtree(tmp_path / "models/loras/blur")
+    save_adapter(attach_lora(other, lora_config({"rank": 2, "alpha": 2, "targets": ["conv1"]})),
+                 tmp_path / "models/loras/blur", "blur", 120)
+    with pytest.raises(ValueError, match="does not fit the backbone"):
+        UniversalRestorer.from_pretrained(tmp_path / "models")
+
+
+def test_router_must_route_to_the_loaded_adapters(tiny_models):
+    from pipeline.models.composition import AdapterComposition
+
+    composition = AdapterComposition.from_pretrained(tiny_models / "backbone", {"noise": tiny_models / "loras/noise"})
+    router = DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4))
+    with pytest.raises(ValueError, match="router was fitted for"):
+        UniversalRestorer(composition, router)
+
+
+def _run_cli(args, capsys):
+    try:
+        uir(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_restores_good_files_and_reports_each_bad_one(tmp_path, tiny_models, capsys):
+    files = write_odd_files(tmp_path / "in", size=48)
+    (tmp_path / "in/tiny.png").unlink()
+    Image.fromarray(rgb(16, 16)[:10]).save(tmp_path / "in/tiny.png")  # too small for the network
+    code, out, err = _run_cli(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--models",
+                               str(tiny_models), "--tile", "32", "--overlap", "8", "--json"], capsys)
+    assert code == 1, "any failed input makes the exit code non-zero"
+    report = {Path(e["input"]).name: e for e in json.loads(out)}
+    for name in ("plain.png", "gray.png", "rgba.png", "rgb16.png", "gray16.png"):
+        assert "output" in report[name] and set(report[name]["weights"]) <= {"noise", "blur"}
+        original, restored = read_image(tmp_path / "in" / name), read_image(tmp_path / "out" / name)
+        assert original.shape == restored.shape and original.dtype == restored.dtype
+    for name, reason in (("truncated.jpg", "truncated"), ("notes.png", "not an image"), ("tiny.png", "too small")):
+        assert reason in report[name]["error"]
+        assert err.count(f"{name}: error:") == 1
+    assert "Traceback" not in err
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"plain.png", "gray.png", "rgba.png", "rgb16.png", "gray16.png"}
+
+
+def test_cli_honours_exif_orientation_and_never_overwrites_inputs(tmp_path, tiny_models, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90° clockwise
+    Image.fromarray(rgb(32, 48)).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    before = (tmp_path / "phone.jpg").read_bytes()
+    code, _, err = _run_cli(["restore", str(tmp_path / "phone.jpg"), "-o", str(tmp_path), "--models", str(tiny_models)], capsys)
+    assert code == 1 and "overwrite its input" in err and (tmp_path / "phone.jpg").read_bytes() == before
+    code, _, _ = _run_cli(["restore", str(tmp_path / "*.jpg"), "-o", str(tmp_path / "out"), "--models",
+                           str(tiny_models), "--lora", "blur"], capsys)
+    assert code == 0 and read_image(tmp_path / "out/phone.jpg").shape == (48, 32, 3)
+
+
+def test_cli_mix_and_missing_models(tmp_path, tiny_models, capsys):
+    Image.fromarray(rgb(32, 32)).save(tmp_path / "a.png")
+    code, out, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tiny_models),
+                             "--mix", "noise=0.7,blur=0.3", "--json"], capsys)
+    assert code == 0 and json.loads(out)[0]["weights"] == {"noise": 0.7, "blur": 0.3}
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tiny_models),
+                           "--lora", "snow"], capsys)
+    assert code and "no adapter for" in str(code)
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tmp_path)], capsys)
+    assert "dvc repro pretrain_backbone" in str(code)
+
+
+def test_cli_info_describes_the_models_folder(tiny_models, capsys):
+    code, out, _ = _run_cli(["info", "--models", str(tiny_models), "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and set(info["adapters"]) == {"noise", "blur"}
+    assert info["adapters"]["noise"]["rank"] == 2 and info["adapters"]["noise"]["t_star"] == 200
+    assert info["router"]["top_k"] == 2 and info["backbone"]["parameters"] > 0
+
+
+def test_uir_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "restore" in result.stdout and "info" in result.stdout
+
+
+@pytest.mark.skipif(not (TESTSETS / "RNI15").is_dir(), reason="shared/data/testsets/RNI15 is absent")
+def test_real_noisy_photos_of_rni15(tmp_path, tiny_models, capsys):
+    inputs = sorted((TESTSETS / "RNI15").iterdir())[:3]
+    code, out, _ = _run_cli(["restore", *map(str, inputs), "-o", str(tmp_path), "--models", str(tiny_models),
+                             "--json", "--unknown", "route"], capsys)
+    assert code == 0
+    for entry in json.loads(out):
+        original, restored = read_image(entry["input"]), read_image(entry["output"])
+        assert original.shape == restored.shape
+        assert np.abs(original.astype(int) - restored.astype(int)).mean() > 0.1
