@@ -170,3 +170,24 @@ def test_an_experiment_compares_with_metrics_diff(smoke_repo):
     diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
     assert "top1_recall_mixed" in diff or "top2_recall_mixed" in diff
     assert "reports/metrics.json" in diff
+
+
+def test_retrain_pushes_to_a_remote_and_a_fresh_clone_pulls_up_to_date(smoke_repo, tmp_path):
+    """`make retrain`'s script against a local DVC remote: push, then a fresh clone pulls everything."""
+    repo, env = smoke_repo
+    remote = tmp_path / "remote"
+    (repo / ".venv").symlink_to(Path(sys.executable).parent.parent, target_is_directory=True)
+    try:
+        result = _run(["bash", "scripts/retrain.sh"], repo, {**env, "DVC_REMOTE_URL": str(remote)})
+    finally:
+        (repo / ".venv").unlink()
+    assert "Running stage" not in result.stdout, "everything was up to date: nothing retrains"
+    assert any(remote.rglob("*")), "the outputs were pushed"
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "--allow-empty", "-m", "after retrain"], repo, env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    _dvc("remote", "add", "--local", "--default", "ci", str(remote), cwd=clone, env=env)
+    _dvc("pull", cwd=clone, env=env)
+    assert _changed_stages(clone, env) == set()
+    assert (clone / "models/router/model.safetensors").is_file()
