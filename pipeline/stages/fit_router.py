@@ -21,7 +21,7 @@ from pipeline.files import write_json
 from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.router import RouterTraining
-from pipeline.training.trainer import build_trainer
+from pipeline.training.trainer import build_trainer, seed
 
 STAGE = "fit_router"
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    seed(params)
     cfg = params.router
     names = list(params.degradations)
     roots = [Path(args.data) / n for n in names]

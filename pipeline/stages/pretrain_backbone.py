@@ -18,7 +18,7 @@ from pipeline.models.backbone import build_scheduler, build_unet, count_paramete
 from pipeline.models.sampling import sample
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.backbone import BackboneDDPM
-from pipeline.training.trainer import build_trainer, fit
+from pipeline.training.trainer import build_trainer, fit, seed
 
 STAGE = "pretrain_backbone"
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default="checkpoints/pretrain_backbone")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    seed(params)
     cfg = params.backbone
     train = cfg.train
 

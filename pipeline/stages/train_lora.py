@@ -17,6 +17,7 @@ from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_
 from pipeline.models.backbone import OneStepReadout, count_parameters, load_backbone
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.fit import fit_restoration
+from pipeline.training.trainer import seed
 
 
 def adapter_settings(params, degradation: str) -> dict:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", required=True)
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    seed(params)
     stage = f"train_lora@{args.degradation}"
     settings = adapter_settings(params, args.degradation)
 

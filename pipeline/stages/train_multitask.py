@@ -15,6 +15,7 @@ from pipeline.files import atomic_dir, write_json
 from pipeline.models.backbone import OneStepReadout, load_backbone, save_backbone
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.fit import fit_restoration
+from pipeline.training.trainer import seed
 
 STAGE = "train_multitask"
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    seed(params)
     cfg = params.multitask
     tasks = list(params.degradations)
     max_steps = len(tasks) * params.lora.train.max_steps

@@ -17,6 +17,7 @@ from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.stages.train_lora import adapter_settings
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.fit import fit_restoration
+from pipeline.training.trainer import seed
 
 STAGE = "train_shared_lora"
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    seed(params)
     cfg = params.shared_lora
     tasks = list(params.degradations)
     settings = shared_settings(params)

@@ -18,6 +18,12 @@ def configure_threads(trainer_params: DictConfig) -> None:
         torch.set_num_threads(int(trainer_params.cpu_threads))
 
 
+def seed(params: DictConfig) -> None:
+    """Seed every generator from ``params.seed``: a training stage calls it first, before it builds a
+    model, so that initial weights (UNet, LoRA A matrices, router) are the same on every run."""
+    L.seed_everything(params.seed, workers=True, verbose=False)
+
+
 def build_trainer(
     params: DictConfig,
     max_steps: int,
@@ -31,7 +37,6 @@ def build_trainer(
     every ``trainer.checkpoint_every`` steps into ``checkpoint_dir`` (emptied first)."""
     cfg = params.trainer
     configure_threads(cfg)
-    L.seed_everything(params.seed, workers=True, verbose=False)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), every_n_train_steps=cfg.checkpoint_every,
                                  save_last=True, save_top_k=0, enable_version_counter=False)
