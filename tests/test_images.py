@@ -80,3 +80,20 @@ def test_atomic_path_leaves_the_old_file_when_writing_fails(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from pipeline.files import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "inner.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "file.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

@@ -110,7 +110,7 @@ def test_mismatched_adapters_are_refused(tmp_path, tiny_models):
 
 def test_an_adapter_of_another_backbone_is_refused(tmp_path, tiny_models, params):
     from pipeline.models.adapters import attach_lora, lora_config, save_adapter
-    from pipeline.models.backbone import build_scheduler, build_unet
+    from pipeline.models.backbone import build_unet
 
     shutil.copytree(tiny_models, tmp_path / "models")
     other = build_unet({**params.backbone.architecture, "block_out_channels": [4, 8, 8], "norm_num_groups": 4,
