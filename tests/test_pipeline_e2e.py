@@ -143,7 +143,9 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
     for stage in stages:
         pointer = json.loads((repo / "reports/wandb" / f"{stage}.json").read_text())
         assert pointer["name"] == stage and pointer["mode"] == "offline"
-        assert pointer["group"] and not pointer["group"].startswith("repro-")  # the DVC experiment name
+        # the DVC experiment's name; train_lora@noise was rerun by a plain `dvc repro` in an earlier test
+        expected_plain = stage == "train_lora@noise"
+        assert pointer["group"] and pointer["group"].startswith("repro-") == expected_plain
         assert list((repo / pointer["dir"]).glob("*.wandb")), stage
 
 
