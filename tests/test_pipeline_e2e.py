@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .conftest import ROOT
@@ -25,6 +28,12 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 def _dvc(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "dvc", *args], cwd, env)
+
+
+def _out_hashes(repo: Path, stage: str, lock_text: str | None = None) -> dict[str, str]:
+    """The md5 of each output of ``stage`` in ``dvc.lock`` (or in ``lock_text``), W&B pointers left out."""
+    lock = yaml.safe_load(lock_text if lock_text is not None else (repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"] if not o["path"].startswith("reports/wandb/")}
 
 
 def _changed_stages(repo: Path, env: dict[str, str]) -> set[str]:
@@ -98,9 +107,12 @@ def test_second_repro_is_up_to_date_and_reruns_are_identical(smoke_repo):
 
     weights = repo / "models/loras/noise/adapter_model.safetensors"
     weights_before, metrics_before = weights.read_bytes(), (repo / "reports/train_lora/noise.json").read_text()
+    shutil.rmtree(repo / "checkpoints/train_lora/noise")  # train from scratch, not resume the finished run
     _dvc("repro", "--force", "--single-item", "train_lora@noise", cwd=repo, env=env)
     assert weights.read_bytes() == weights_before, "retraining gives the same adapter weights, byte for byte"
     assert (repo / "reports/train_lora/noise.json").read_text() == metrics_before
+    assert _out_hashes(repo, "train_lora@noise") == _out_hashes(repo, "train_lora@noise", lock_before), \
+        "every output but the new W&B run's pointer is byte-identical, the whole adapter folder included"
 
 
 def test_changing_one_degradation_invalidates_only_its_stages(smoke_repo):
@@ -200,3 +212,66 @@ def test_retrain_pushes_to_a_remote_and_a_fresh_clone_pulls_up_to_date(smoke_rep
     _dvc("pull", cwd=clone, env=env)
     assert _changed_stages(clone, env) == set()
     assert (clone / "models/router/model.safetensors").is_file()
+
+
+def test_a_killed_training_stage_resumes_at_the_next_repro(smoke_repo):
+    """SIGKILL `dvc repro` (and its stage) once a checkpoint exists; the next `dvc repro` resumes from that
+    checkpoint and ends with the uninterrupted run's adapter, byte for byte."""
+    repo, env = smoke_repo
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["lora"]["train"].update(max_steps=120, val_every=8)  # long enough to be killed mid-training
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoints, adapter = repo / "checkpoints/train_lora/noise", repo / "models/loras/noise"
+    metrics = repo / "reports/train_lora/noise.json"
+    try:
+        _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env)
+        reference = (adapter / "adapter_model.safetensors").read_bytes(), metrics.read_text()
+
+        shutil.rmtree(checkpoints)
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train_lora@noise"],
+                                   cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (checkpoints / "last.ckpt").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the stage ended before its first checkpoint"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        step = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+        assert 0 < step < 120
+        assert not adapter.exists(), "no output of the killed run exists, complete or partial"
+        assert not list(adapter.parent.glob(".noise.*")), "no temporary folder is left behind"
+
+        out = _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env).stdout
+        assert f"resuming from checkpoints/train_lora/noise/last.ckpt" in out
+        assert (adapter / "adapter_model.safetensors").read_bytes() == reference[0]
+        assert metrics.read_text() == reference[1]
+    finally:
+        params_file.write_text(original)
+        _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env)
+    assert _changed_stages(repo, env) == set()
+
+
+def test_adding_a_degradation_trains_exactly_one_new_lora(smoke_repo):
+    repo, env = smoke_repo
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    speckle = json.loads(json.dumps(params["degradations"]["noise"]))
+    speckle["description"] = "multiplicative speckle noise"
+    speckle["transform"]["transforms"] = [{"__class_fullname__": "MultiplicativeNoise", "p": 1.0,
+                                           "multiplier": [0.7, 1.3], "per_channel": True, "elementwise": True}]
+    params["degradations"]["speckle"] = speckle
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _dvc("repro", cwd=repo, env=env).stdout
+    finally:
+        params_file.write_text(original)
+    trained = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage 'train_lora@")}
+    assert trained == {"train_lora@speckle"}
+    assert "Running stage 'synthesize@noise'" not in out and "Running stage 'pretrain_backbone'" not in out
+    assert (repo / "models/loras/speckle/adapter_model.safetensors").is_file()
+    router = json.loads((repo / "models/router/config.json").read_text())
+    assert "speckle" in router["names"]

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import PeftModel
 
 from pipeline.config import load_params
@@ -44,7 +45,7 @@ def test_backbone_ddpm_fast_dev_run(tiny_project, params, backbone):
     before = {n: p.clone() for n, p in unet.named_parameters()}
     module = BackboneDDPM(unet, scheduler, lr=1e-3, weight_decay=0.0, ema_decay=0.9, warmup_steps=1, max_steps=2,
                           val_sigmas=[25])
-    datamodule = CleanPatchDataModule(tiny_project / "data/clean", 32, 4, 2, 4)
+    datamodule = CleanPatchDataModule(tiny_project / "data/clean", 32, 4, 2, 4, seed=0)
     trainer = _trainer(fast_dev_run=True)
     trainer.fit(module, datamodule=datamodule)
     assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters())
@@ -61,7 +62,7 @@ def test_restoration_fast_dev_run(tiny_project, backbone, kind):
         network = unet.requires_grad_(True)
     module = _restoration(network, scheduler, ("noise", "jpeg"), (200, 120))
     trainer = _trainer(fast_dev_run=True)
-    trainer.fit(module, datamodule=RestorationDataModule(roots, batch_size=4))
+    trainer.fit(module, datamodule=RestorationDataModule(roots, batch_size=4, seed=0))
     metrics = trainer.callback_metrics
     assert {"val/psnr", "val/ssim", "val/input_psnr", "val/psnr/noise"} <= set(metrics)  # one val batch: noise only
     assert module.best_state is not None and module.load_best()["val/psnr"] == pytest.approx(float(metrics["val/psnr"]))
@@ -80,7 +81,7 @@ def test_lora_training_leaves_the_backbone_bit_identical_and_only_lora_gets_grad
     module = _restoration(model, scheduler)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainer = _trainer(max_steps=4, limit_val_batches=0, callbacks=[RecordGradients()])
-    trainer.fit(module, datamodule=RestorationDataModule([tiny_project / "data/degraded/noise"], batch_size=4))
+    trainer.fit(module, datamodule=RestorationDataModule([tiny_project / "data/degraded/noise"], batch_size=4, seed=0))
 
     assert with_grad and all("lora_" in n for n in with_grad)
     assert any(not torch.equal(lora_before[n], p) for n, p in model.named_parameters() if n in lora_before)
@@ -139,3 +140,83 @@ def test_train_lora_stage_logs_a_real_offline_wandb_run(tiny_project, monkeypatc
     assert any(p.name.endswith(".wandb") for p in Path(pointer["dir"]).iterdir())
     assert Path("models/loras/noise/adapter_model.safetensors").is_file()
     assert Path("reports/backbone_samples.png").is_file()
+
+
+def _resumable_run(kind, tiny_project, params, checkpoint_dir, stop_at, total=10):
+    """Train ``kind`` for ``total`` steps with the stages' trainer, stopping early at ``stop_at`` (as a kill
+    after that step's checkpoint would) and resuming from ``checkpoint_dir`` when it holds a checkpoint."""
+    from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
+
+    seed(params)
+    unet, scheduler = build_unet(params.backbone.architecture), build_scheduler(params.backbone.schedule)
+    if kind == "backbone":
+        module = BackboneDDPM(unet, scheduler, lr=1e-3, weight_decay=0.0, ema_decay=0.9, warmup_steps=1,
+                              max_steps=total, val_sigmas=[25])
+        datamodule = CleanPatchDataModule(tiny_project / "data/clean", 32, 4, 3, 4, seed=params.seed)
+        inputs = [tiny_project / "data/clean"]
+    else:
+        unet = attach_lora(unet, lora_config({"rank": 2, "alpha": 2, "targets": ["conv1", "conv2"]}))
+        module = OneStepRestoration(unet, OneStepReadout(scheduler), ["noise"], [200], lr=3e-3, weight_decay=0.0,
+                                    warmup_steps=1, max_steps=total, panel_images=0)
+        datamodule = RestorationDataModule([tiny_project / "data/degraded/noise"], 6, seed=params.seed)
+        inputs = [tiny_project / "data/degraded/noise"]
+    ckpt = resume_checkpoint(checkpoint_dir, params, inputs)
+    trainer = build_trainer(params, stop_at, 2, False, checkpoint_dir, enable_model_summary=False,
+                            enable_progress_bar=False)
+    fit(trainer, module, 2, ckpt, datamodule=datamodule)
+    return module, ckpt
+
+
+@pytest.mark.parametrize("kind", ["backbone", "lora"])
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(tiny_project, params, tmp_path, kind):
+    """Checkpoints after every validation; a run stopped at step 5 (mid-epoch: 3 or 5 batches per epoch)
+    resumes from step 4 and ends bit-identical to an uninterrupted run, best-on-val bookkeeping included."""
+    whole, _ = _resumable_run(kind, tiny_project, params, tmp_path / "whole", stop_at=10)
+    _resumable_run(kind, tiny_project, params, tmp_path / "resumed", stop_at=5)
+    saved = torch.load(tmp_path / "resumed/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    resumed, ckpt = _resumable_run(kind, tiny_project, params, tmp_path / "resumed", stop_at=10)
+    assert ckpt == tmp_path / "resumed/last.ckpt"
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    if kind == "lora":
+        assert whole.best_metrics == resumed.best_metrics
+        assert all(torch.equal(whole.best_state[k], resumed.best_state[k]) for k in whole.best_state)
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(tiny_project, params, tmp_path):
+    from pipeline.training.trainer import resume_checkpoint
+
+    _resumable_run("lora", tiny_project, params, tmp_path / "run", stop_at=2)
+    assert resume_checkpoint(tmp_path / "run", params, [tiny_project / "data/degraded/noise"]) is not None
+    changed = OmegaConf.merge(params, {"lora": {"train": {"lr": 0.5}}})
+    assert resume_checkpoint(tmp_path / "run", changed, [tiny_project / "data/degraded/noise"]) is None
+    assert not (tmp_path / "run/last.ckpt").exists(), "a stale checkpoint is removed, never resumed"
+
+
+@pytest.mark.parametrize("targets", [["conv1", "conv2"], ["conv_in", "conv_out", "time_emb_proj"]])
+def test_merged_lora_forward_matches_peft_in_outputs_and_gradients(backbone, targets):
+    from pipeline.models.adapters import merged_lora_forward
+
+    unet, _ = backbone
+    model = attach_lora(unet, lora_config({"rank": 16, "alpha": 8, "targets": targets}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([100, 400])
+
+    def run():
+        model.zero_grad()
+        out = model(x, t).sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference, reference_grads = run()
+    with merged_lora_forward(model):
+        merged, merged_grads = run()
+    after, _ = run()
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=1e-4)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(merged_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+    assert torch.equal(after, reference), "PEFT's own forward is back after the context"

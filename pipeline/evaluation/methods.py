@@ -51,7 +51,8 @@ class Models:
         router.check_adapters(composition.names)
         multitask, scheduler = load_backbone(models / "multitask")
         shared_base, _ = load_backbone(models / "backbone")
-        shared = PeftModel.from_pretrained(shared_base, str(models / "shared_lora")).eval()
+        # merged into the weights: the same function as the adapter, at the bare backbone's cost
+        shared = PeftModel.from_pretrained(shared_base, str(models / "shared_lora")).merge_and_unload().eval()
         return cls(
             composition=composition, router=router, multitask=multitask,
             multitask_t_star=int(read_json(models / "multitask" / "restoration.json", "train_multitask")["t_star"]),

@@ -1,19 +1,22 @@
 """N LoRA adapters on one frozen backbone, composed with per-sample weights.
 
 Every adapted layer computes ``base(x) + Σ_i w[b, i] · scale_i · B_i(A_i(x))`` for each sample ``b``.
-PEFT's layers hold the adapters and compute ``B_i(A_i(x))``; PEFT has no per-sample weighted mixing,
-so a forward hook on each LoRA layer adds the weighted deltas while PEFT's own adapter path is
-disabled. When every sample shares one weight vector, PEFT does it alone: the adapters with a
-non-zero weight are made active and their scales multiplied by the weights.
+PEFT's layers hold the adapters; PEFT has no per-sample weighted mixing, so each LoRA layer's forward
+is replaced by one that composes the weights first — ``W_b = W + Σ_i w[b, i] · ΔW_i`` with PEFT's
+``get_delta_weight`` — and runs a single convolution or matmul: for every sample alike when all rows
+of the weights agree, else one grouped convolution (``groups = batch``) over per-sample kernels. The
+result is PEFT's own computation up to float rounding, at the cost of the bare backbone whatever the
+number of adapters composed.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import types
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
@@ -34,9 +37,12 @@ class AdapterComposition(torch.nn.Module):
         self.readout = readout
         self.register_buffer("t_star", torch.tensor(list(t_star), dtype=torch.float32), persistent=False)
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        unsupported = sorted({type(m.get_base_layer()).__name__ for m in self.layers} - {"Conv2d", "Linear"})
+        if unsupported:
+            raise ValueError(f"composition supports LoRA on Conv2d and Linear layers, not {unsupported}")
         self._weights: torch.Tensor | None = None
         for layer in self.layers:
-            layer.register_forward_hook(self._mix)
+            layer.forward = types.MethodType(self._composed_forward(), layer)
         model.requires_grad_(False).eval()
 
     @classmethod
@@ -60,55 +66,35 @@ class AdapterComposition(torch.nn.Module):
                 raise ValueError(f"adapter {path} does not fit the backbone {backbone}: {str(error).splitlines()[0]}") from None
         return cls(model, list(adapters), [settings[n]["t_star"] for n in adapters], OneStepReadout(scheduler))
 
-    def _mix(self, layer: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self._weights is None:
-            return output
-        x = args[0]
-        for index, name in enumerate(self.names):
-            if name not in layer.lora_A:
-                continue
-            w = self._weights[:, index]
-            if not bool(w.any()):
-                continue
-            delta = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
-            output = output + w.view(-1, *([1] * (delta.ndim - 1))).to(delta.dtype) * delta
-        return output
+    def _composed_forward(self):
+        composition = self
 
-    @contextmanager
-    def _per_sample(self, weights: torch.Tensor) -> Iterator[None]:
-        self.model.base_model.disable_adapter_layers()
-        self._weights = weights
-        try:
-            yield
-        finally:
-            self._weights = None
-            self.model.base_model.enable_adapter_layers()
+        def forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            weights = composition._weights
+            if weights is None:
+                return type(layer).forward(layer, x, *args, **kwargs)
+            base = layer.get_base_layer()
+            used = [i for i, name in enumerate(composition.names) if name in layer.lora_A and bool(weights[..., i].any())]
+            if not used:
+                return base(x)
+            deltas = torch.stack([layer.get_delta_weight(composition.names[i]) for i in used])
+            mixing = weights[..., used].to(deltas.dtype)
+            if weights.ndim == 1:
+                return _apply(base, x, base.weight + torch.tensordot(mixing, deltas, dims=1))
+            return _apply_per_sample(base, x, base.weight + torch.tensordot(mixing, deltas, dims=1))
 
-    @contextmanager
-    def _shared(self, weights: torch.Tensor) -> Iterator[None]:
-        active = [name for name, w in zip(self.names, weights.tolist()) if w != 0]
-        if not active:
-            with self.model.disable_adapter():
-                yield
-            return
-        self.model.base_model.set_adapter(active, inference_mode=True)
-        for layer in self.layers:
-            for name, w in zip(self.names, weights.tolist()):
-                layer.set_scale(name, w)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                for name in self.names:
-                    layer.set_scale(name, 1.0)
+        return forward
 
     def unet(self, x_t: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The composed UNet's noise prediction; ``weights`` is (B, N), or (N,) for every sample alike."""
         weights = self._check(weights, x_t.shape[0])
-        shared = weights.ndim == 1 or bool((weights == weights[:1]).all())
-        context = self._shared(weights if weights.ndim == 1 else weights[0]) if shared else self._per_sample(weights)
-        with context:
+        if weights.ndim == 2 and bool((weights == weights[:1]).all()):
+            weights = weights[0]
+        self._weights = weights.to(x_t.device)
+        try:
             return self.model(x_t, timesteps).sample
+        finally:
+            self._weights = None
 
     def timesteps(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-sample ``t*``: the weight-averaged timesteps of the composed adapters (rounded).
@@ -142,6 +128,27 @@ class AdapterComposition(torch.nn.Module):
         if unknown:
             raise KeyError(f"no adapter for {unknown}; loaded: {self.names}")
         return torch.tensor([float(mix.get(n, 0.0)) for n in self.names])
+
+
+def _apply(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``base``'s operation on ``x`` with ``weight`` in place of its own."""
+    if isinstance(base, torch.nn.Conv2d):
+        return base._conv_forward(x, weight, base.bias)
+    return F.linear(x, weight, base.bias)
+
+
+def _apply_per_sample(base: torch.nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``base``'s operation with ``weights[b]`` for sample ``b``: a grouped convolution, or a batched matmul."""
+    batch = x.shape[0]
+    if isinstance(base, torch.nn.Conv2d):
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            return torch.cat([_apply(base, x[b : b + 1], weights[b]) for b in range(batch)])
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weights.reshape(-1, *weights.shape[2:]),
+                       None if base.bias is None else base.bias.repeat(batch),
+                       base.stride, base.padding, base.dilation, base.groups * batch)
+        return out.view(batch, -1, *out.shape[2:])
+    out = torch.einsum("b...i,boi->b...o", x, weights)
+    return out if base.bias is None else out + base.bias
 
 
 class _Sample:

@@ -12,22 +12,21 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 
 from pipeline.config import load_params
-from pipeline.data.datasets import LabelledImages, to_tensor
+from pipeline.data.datasets import D4Augmented, LabelledImages, ShuffledD4Sampler, evaluation_loader, to_tensor, training_loader
 from pipeline.data.synthesis import load_clean, mixed_patches
 from pipeline.files import write_json
 from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.router import RouterTraining
-from pipeline.training.trainer import build_trainer, seed
+from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
 STAGE = "fit_router"
 
 
-def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, size: int,
-              augment: bool) -> LabelledImages | None:
+def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, size: int) -> LabelledImages | None:
     """``count`` mixed ``size``² patches of one split's clean images, targets uniform over components."""
     if count <= 0 or len(names) < 2:
         return None
@@ -36,7 +35,7 @@ def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, 
     targets = torch.zeros(len(patches), len(names))
     for row, (_, components) in enumerate(patches):
         targets[row, [names.index(c) for c in components]] = 1.0 / len(components)
-    return LabelledImages([to_tensor(image) for image, _ in patches], targets, augment)
+    return LabelledImages([to_tensor(image) for image, _ in patches], targets)
 
 
 @torch.no_grad()
@@ -62,14 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     names = list(params.degradations)
     roots = [Path(args.data) / n for n in names]
 
-    train_parts = [LabelledImages.from_sets(roots, "train", augment=True)]
+    train_parts = [LabelledImages.from_sets(roots, "train")]
     val_parts = [LabelledImages.from_sets(roots, "val")]
     sizes = params.synthesis
-    for parts, split, count, size, augment in (
-        (train_parts, "train", cfg.train.mixed_patches, sizes.patch_size, True),
-        (val_parts, "val", cfg.train.mixed_val_patches, sizes.eval_crop, False),
+    for parts, split, count, size in (
+        (train_parts, "train", cfg.train.mixed_patches, sizes.patch_size),
+        (val_parts, "val", cfg.train.mixed_val_patches, sizes.eval_crop),
     ):
-        mixed = mixed_set(params, names, args.clean, split, count, size, augment)
+        mixed = mixed_set(params, names, args.clean, split, count, size)
         if mixed is not None:
             parts.append(mixed)
 
@@ -82,14 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)
+    ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean])
     trainer = build_trainer(params, cfg.train.max_steps, cfg.train.val_every, logger, args.checkpoints)
-    workers = params.trainer.num_workers
-    train_loader = DataLoader(ConcatDataset(train_parts), cfg.train.batch_size, shuffle=True, drop_last=True,
-                              num_workers=workers, persistent_workers=workers > 0)
-    val_loaders = [DataLoader(part, cfg.train.batch_size) for part in val_parts]  # singles, mixes: two sizes
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loaders)
-    if cfg.train.max_steps % cfg.train.val_every:
-        trainer.validate(module, dataloaders=val_loaders, verbose=False)
+    train_set = ConcatDataset(train_parts)
+    train_loader = training_loader(D4Augmented(train_set), ShuffledD4Sampler(len(train_set), cfg.train.batch_size,
+                                                                            params.seed), params.trainer.num_workers)
+    val_loaders = [evaluation_loader(part, cfg.train.batch_size) for part in val_parts]  # singles, mixes: two sizes
+    fit(trainer, module, cfg.train.val_every, ckpt_path, train_dataloaders=train_loader, val_dataloaders=val_loaders)
+    if not trainer.is_global_zero:
+        return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     router.eval()

@@ -18,7 +18,7 @@ from pipeline.models.backbone import build_scheduler, build_unet, count_paramete
 from pipeline.models.sampling import sample
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.backbone import BackboneDDPM
-from pipeline.training.trainer import build_trainer, fit, seed
+from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
 STAGE = "pretrain_backbone"
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     module = BackboneDDPM(unet, scheduler, lr=train.lr, weight_decay=train.weight_decay, ema_decay=train.ema_decay,
                           warmup_steps=train.warmup_steps, max_steps=train.max_steps, val_sigmas=list(train.val_sigmas))
     datamodule = CleanPatchDataModule(args.clean, train.patch_size, train.batch_size, train.steps_per_epoch,
-                                      train.val_patches, params.trainer.num_workers)
+                                      train.val_patches, params.seed, params.trainer.num_workers)
     logger = make_logger(params, STAGE, job_type=STAGE)
     sizes = count_parameters(unet)
     logger.log_hyperparams({"model/parameters_total": sizes["total"]})
@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         module.ema.module.load_state_dict(unet.state_dict())
         trainer.validate(module, datamodule=datamodule)
     else:
-        fit(trainer, module, datamodule, train.val_every)
+        fit(trainer, module, train.val_every, resume_checkpoint(args.checkpoints, params, [args.clean]),
+            datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final = module.ema_unet.eval()
 

@@ -46,10 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     backbone_size = count_parameters(unet)["total"]
     model = attach_lora(unet, lora_config(settings))
     logger = make_logger(params, stage, job_type="train_lora")
-    _, metrics = fit_restoration(
+    _, metrics, writer = fit_restoration(
         params, model, OneStepReadout(scheduler), [args.degradation], [settings["t_star"]], [args.data],
-        params.lora.train, params.lora.train.max_steps, logger, args.checkpoints,
+        params.lora.train, params.lora.train.max_steps, logger, args.checkpoints, inputs=[args.data, args.backbone],
     )
+    if not writer:
+        return
     with atomic_dir(args.out) as tmp:
         save_adapter(model, tmp, args.degradation, settings["t_star"])
     adapter_size = adapter_parameter_count(model)

@@ -38,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     unet, scheduler = load_backbone(args.backbone)
     unet.requires_grad_(True).train()
     logger = make_logger(params, STAGE, job_type=STAGE)
-    _, metrics = fit_restoration(
-        params, unet, OneStepReadout(scheduler), tasks, [cfg.t_star] * len(tasks),
-        [Path(args.data) / t for t in tasks], cfg.train, max_steps, logger, args.checkpoints,
-        balance_tasks=cfg.balance_tasks,
+    roots = [Path(args.data) / t for t in tasks]
+    _, metrics, writer = fit_restoration(
+        params, unet, OneStepReadout(scheduler), tasks, [cfg.t_star] * len(tasks), roots, cfg.train, max_steps,
+        logger, args.checkpoints, inputs=[*roots, args.backbone], balance_tasks=cfg.balance_tasks,
     )
+    if not writer:
+        return
     with atomic_dir(args.out) as tmp:
         save_backbone(tmp, unet, scheduler)
         write_json(tmp / "restoration.json", {"degradations": tasks, "t_star": int(cfg.t_star)})

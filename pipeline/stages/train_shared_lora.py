@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     unet, scheduler = load_backbone(args.backbone)
     model = attach_lora(unet, lora_config(settings))
     logger = make_logger(params, STAGE, job_type=STAGE)
-    _, metrics = fit_restoration(
-        params, model, OneStepReadout(scheduler), tasks, [cfg.t_star] * len(tasks),
-        [Path(args.data) / t for t in tasks], cfg.train, max_steps, logger, args.checkpoints,
-        balance_tasks=cfg.balance_tasks,
+    roots = [Path(args.data) / t for t in tasks]
+    _, metrics, writer = fit_restoration(
+        params, model, OneStepReadout(scheduler), tasks, [cfg.t_star] * len(tasks), roots, cfg.train, max_steps,
+        logger, args.checkpoints, inputs=[*roots, args.backbone], balance_tasks=cfg.balance_tasks,
     )
+    if not writer:
+        return
     with atomic_dir(args.out) as tmp:
         save_adapter(model, tmp, "+".join(tasks), cfg.t_star)
     metrics.update(t_star=cfg.t_star, rank=settings["rank"], adapter_parameters=adapter_parameter_count(model),

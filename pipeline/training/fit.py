@@ -9,9 +9,10 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.datasets import RestorationDataModule
+from pipeline.models.adapters import merged_lora_forward
 from pipeline.models.backbone import OneStepReadout, count_parameters
 from pipeline.training.restoration import OneStepRestoration
-from pipeline.training.trainer import build_trainer, fit
+from pipeline.training.trainer import build_trainer, fit, resume_checkpoint
 
 
 def task_balance_weights(datamodule: RestorationDataModule) -> list[float]:
@@ -34,15 +35,18 @@ def fit_restoration(
     max_steps: int,
     logger,
     checkpoint_dir: str | Path,
+    inputs: Sequence[str | Path],
     balance_tasks: bool = False,
-) -> tuple[OneStepRestoration, dict[str, float]]:
+) -> tuple[OneStepRestoration, dict[str, float], bool]:
     """Train ``network`` (whatever of it requires grad) and leave the best-on-validation weights in it.
 
-    ``training`` holds ``batch_size``, ``lr``, ``weight_decay``, ``warmup_steps``, ``val_every``.
-    Returns the module and the validation metrics of the kept weights.
+    ``training`` holds ``batch_size``, ``lr``, ``weight_decay``, ``warmup_steps``, ``val_every``; a
+    checkpoint in ``checkpoint_dir`` made from the same params and ``inputs`` is resumed.
+    Returns the module, the validation metrics of the kept weights, and whether this process is the
+    global rank zero (the one that writes outputs).
     """
     network.train()  # the frozen backbone has no dropout or batch norm: modes only silence Lightning's warning
-    datamodule = RestorationDataModule(roots, training.batch_size, params.trainer.num_workers)
+    datamodule = RestorationDataModule(roots, training.batch_size, params.seed, params.trainer.num_workers)
     datamodule.setup("fit")
     weights = task_balance_weights(datamodule) if balance_tasks else None
     module = OneStepRestoration(
@@ -53,8 +57,10 @@ def fit_restoration(
     sizes = count_parameters(network)
     logger.log_hyperparams({"model/parameters_total": sizes["total"], "model/parameters_trainable": sizes["trainable"],
                             "model/task_weights": weights or [1.0] * len(tasks)})
+    ckpt_path = resume_checkpoint(checkpoint_dir, params, inputs)
     trainer = build_trainer(params, max_steps, training.val_every, logger, checkpoint_dir)
-    fit(trainer, module, datamodule, training.val_every)
+    with merged_lora_forward(network):
+        fit(trainer, module, training.val_every, ckpt_path, datamodule=datamodule)
     metrics = module.load_best()
     metrics.update(parameters_total=sizes["total"], parameters_trainable=sizes["trainable"])
-    return module, metrics
+    return module, metrics, trainer.is_global_zero

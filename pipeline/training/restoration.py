@@ -116,6 +116,13 @@ class OneStepRestoration(L.LightningModule):
             self.best_state = self.trainable_state()
             self.best_metrics = dict(logged, step=self.global_step)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_on_validation"] = {"psnr": self.best_psnr, "state": self.best_state, "metrics": self.best_metrics}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint["best_on_validation"]
+        self.best_psnr, self.best_state, self.best_metrics = best["psnr"], best["state"], best["metrics"]
+
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
         if not params:

@@ -1,16 +1,32 @@
-"""The Lightning ``Trainer`` from params: accelerator, devices, strategy, precision are configuration,
-so DDP, multi-GPU and multi-node runs need no code change."""
+"""The Lightning ``Trainer`` from params, and resumable training.
+
+Accelerator, devices, strategy, precision are configuration, so DDP, multi-GPU and multi-node runs need
+no code change. Each stage checkpoints into its own folder (a DVC ``persist`` output) after every
+validation; a stage killed mid-training resumes from its last checkpoint on the next run, provided
+the params and inputs it was started with are unchanged (``fingerprint.json``). Batches are a pure
+function of the step (``ResumableBatchSampler``) and the checkpoint carries the global RNG state, so
+a resumed run continues exactly as an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.datasets import ResumableBatchSampler
+from pipeline.files import write_json
+
+LAST_CHECKPOINT = "last.ckpt"
+FINGERPRINT = "fingerprint.json"
 
 
 def configure_threads(trainer_params: DictConfig) -> None:
@@ -24,6 +40,76 @@ def seed(params: DictConfig) -> None:
     L.seed_everything(params.seed, workers=True, verbose=False)
 
 
+def fingerprint(params: DictConfig, inputs: Sequence[str | Path]) -> str:
+    """A hash of the resolved params and of every file under ``inputs``: what a checkpoint was trained from."""
+    digest = hashlib.sha256(json.dumps(OmegaConf.to_container(params, resolve=True), sort_keys=True).encode())
+    for root in map(Path, inputs):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def resume_checkpoint(checkpoint_dir: str | Path, params: DictConfig, inputs: Sequence[str | Path]) -> Path | None:
+    """The checkpoint to resume from, if ``checkpoint_dir`` holds one made from the same params and inputs;
+    otherwise the folder is emptied for a fresh run (on the global rank zero only)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    expected = fingerprint(params, inputs)
+    last = checkpoint_dir / LAST_CHECKPOINT
+    recorded = checkpoint_dir / FINGERPRINT
+    if last.is_file() and recorded.is_file() and json.loads(recorded.read_text()).get("fingerprint") == expected:
+        return last
+    if rank_zero_only.rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        write_json(recorded, {"fingerprint": expected})
+    return None
+
+
+class ValidationCheckpoint(Callback):
+    """Writes ``last.ckpt`` after every validation during ``fit``: the best-on-validation bookkeeping of the
+    module is then part of it (Lightning writes through a temporary file: a kill leaves the previous one)."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.path = Path(checkpoint_dir) / LAST_CHECKPOINT
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+
+class GlobalRngState(Callback):
+    """Saves the global torch RNG (DDPM noise and timesteps draw from it) and restores it at the first
+    batch after a resume, once Lightning has built its loaders."""
+
+    def __init__(self):
+        self._pending: torch.Tensor | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get("torch_rng_state")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            torch.set_rng_state(self._pending)
+            self._pending = None
+
+
+class TrackDataPosition(Callback):
+    """Keeps every ``ResumableBatchSampler`` told how many batches training has consumed: the position its
+    loader saves in a checkpoint (the loader itself runs a batch ahead of training)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            sampler = getattr(loader, "batch_sampler", None)
+            if isinstance(sampler, ResumableBatchSampler):
+                sampler.step = trainer.global_step
+
+
 def build_trainer(
     params: DictConfig,
     max_steps: int,
@@ -33,13 +119,10 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     **overrides: Any,
 ) -> L.Trainer:
-    """A Trainer for ``max_steps`` optimisation steps, validating every ``val_every`` steps, checkpointing
-    every ``trainer.checkpoint_every`` steps into ``checkpoint_dir`` (emptied first)."""
+    """A Trainer for ``max_steps`` optimisation steps, validating and checkpointing every ``val_every``
+    steps into ``checkpoint_dir``."""
     cfg = params.trainer
     configure_threads(cfg)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), every_n_train_steps=cfg.checkpoint_every,
-                                 save_last=True, save_top_k=0, enable_version_counter=False)
     options = dict(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -53,16 +136,23 @@ def build_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=True,
+        enable_checkpointing=False,  # ValidationCheckpoint writes the one checkpoint a resume needs
+        use_distributed_sampler=False,  # ResumableBatchSampler shards batches across ranks itself
         logger=logger,
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[ValidationCheckpoint(checkpoint_dir), GlobalRngState(), TrackDataPosition(), *callbacks],
         default_root_dir=str(checkpoint_dir),
     )
     options.update(overrides)
     return L.Trainer(**options)
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, val_every: int) -> None:
-    """``trainer.fit``, plus a last validation when ``max_steps`` is not a multiple of ``val_every``."""
-    trainer.fit(module, datamodule=datamodule)
-    if trainer.max_steps % val_every:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+def fit(trainer: L.Trainer, module: L.LightningModule, val_every: int, ckpt_path: str | Path | None = None,
+        datamodule: L.LightningDataModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None) -> None:
+    """``trainer.fit`` (resumed from ``ckpt_path`` if given), plus a last validation when ``max_steps`` is
+    not a multiple of ``val_every`` or when the run resumed at its end (so final metrics always exist)."""
+    if ckpt_path is not None:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, datamodule=datamodule,
+                ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    if trainer.max_steps % val_every or not any(k.startswith("val/") for k in trainer.callback_metrics):
+        trainer.validate(module, dataloaders=val_dataloaders, datamodule=datamodule, verbose=False)
