@@ -26,6 +26,33 @@ def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
     return params
 
 
+def adapter_settings(params: DictConfig, degradation: str) -> dict:
+    """The LoRA of one degradation (``rank``, ``alpha``, ``targets``, ``t_star``): ``lora.adapter``,
+    overridden by ``degradations.<d>.adapter`` (its ``train`` entry excluded)."""
+    if degradation not in params.degradations:
+        raise KeyError(f"unknown degradation {degradation!r}; configured: {sorted(params.degradations)}")
+    merged = {**OmegaConf.to_container(params.lora.adapter, resolve=True),
+              **OmegaConf.to_container(params.degradations[degradation].adapter, resolve=True)}
+    merged.pop("train", None)
+    return merged
+
+
+def adapter_training(params: DictConfig, degradation: str) -> DictConfig:
+    """How one degradation's LoRA trains: ``lora.train``, overridden by ``degradations.<d>.adapter.train``,
+    where ``step_multiplier`` scales the profile's ``max_steps`` (so every profile keeps its proportions)."""
+    adapter_settings(params, degradation)  # the name check
+    adapter = params.degradations[degradation].adapter
+    overrides = OmegaConf.to_container(adapter.train, resolve=True) if "train" in adapter else {}
+    multiplier = overrides.pop("step_multiplier", 1)
+    return OmegaConf.create({**OmegaConf.to_container(params.lora.train, resolve=True), **overrides,
+                             "max_steps": int(round(params.lora.train.max_steps * multiplier))})
+
+
+def total_adapter_steps(params: DictConfig) -> int:
+    """The steps of all per-degradation LoRAs together: the budget of the baselines trained on the union."""
+    return sum(int(adapter_training(params, d).max_steps) for d in params.degradations)
+
+
 def compose_params(output: str | Path, config_dir: str | Path, overrides: list[str] | None = None) -> None:
     """Compose ``config_dir/config.yaml`` with Hydra ``overrides`` into ``output``, as DVC does."""
     from dvc.utils.hydra import compose_and_dump

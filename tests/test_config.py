@@ -54,3 +54,20 @@ def test_load_params_is_strict_and_read_only():
 def test_missing_params_file_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make params"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_per_degradation_adapter_and_training_overrides():
+    from pipeline.config import adapter_settings, adapter_training, total_adapter_steps
+
+    params = load_params(ROOT / "params.yaml")
+    blur, noise = adapter_settings(params, "blur"), adapter_settings(params, "noise")
+    assert "train" not in blur and blur["rank"] == params.degradations.blur.adapter.rank
+    assert noise["rank"] == params.lora.adapter.rank and noise["t_star"] == params.degradations.noise.adapter.t_star
+    multiplier = params.degradations.blur.adapter.train.step_multiplier
+    assert adapter_training(params, "blur").max_steps == round(multiplier * params.lora.train.max_steps)
+    assert adapter_training(params, "blur").lr == params.degradations.blur.adapter.train.lr
+    assert adapter_training(params, "noise").max_steps == params.lora.train.max_steps
+    assert adapter_training(params, "noise").batch_size == adapter_training(params, "blur").batch_size
+    assert total_adapter_steps(params) == sum(adapter_training(params, d).max_steps for d in params.degradations)
+    with pytest.raises(KeyError, match="unknown degradation 'snow'"):
+        adapter_training(params, "snow")

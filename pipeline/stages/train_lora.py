@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from omegaconf import OmegaConf
-
-from pipeline.config import load_params
+from pipeline.config import adapter_settings, adapter_training, load_params
 from pipeline.files import atomic_dir, write_json
 from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
 from pipeline.models.backbone import OneStepReadout, count_parameters, load_backbone
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.fit import fit_restoration
 from pipeline.training.trainer import seed
-
-
-def adapter_settings(params, degradation: str) -> dict:
-    """``lora.adapter`` defaults, overridden by ``degradations.<d>.adapter``."""
-    if degradation not in params.degradations:
-        raise KeyError(f"unknown degradation {degradation!r}; configured: {sorted(params.degradations)}")
-    return OmegaConf.to_container(OmegaConf.merge(params.lora.adapter, params.degradations[degradation].adapter))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     seed(params)
     stage = f"train_lora@{args.degradation}"
     settings = adapter_settings(params, args.degradation)
+    training = adapter_training(params, args.degradation)
 
     unet, scheduler = load_backbone(args.backbone)
     backbone_size = count_parameters(unet)["total"]
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     logger = make_logger(params, stage, job_type="train_lora")
     _, metrics, writer = fit_restoration(
         params, model, OneStepReadout(scheduler), [args.degradation], [settings["t_star"]], [args.data],
-        params.lora.train, params.lora.train.max_steps, logger, args.checkpoints, inputs=[args.data, args.backbone],
+        training, training.max_steps, logger, args.checkpoints, inputs=[args.data, args.backbone],
     )
     if not writer:
         return

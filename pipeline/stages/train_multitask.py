@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import load_params, total_adapter_steps
 from pipeline.files import atomic_dir, write_json
 from pipeline.models.backbone import OneStepReadout, load_backbone, save_backbone
 from pipeline.tracking import finish, log_model_folder, make_logger
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     seed(params)
     cfg = params.multitask
     tasks = list(params.degradations)
-    max_steps = len(tasks) * params.lora.train.max_steps
+    max_steps = total_adapter_steps(params)
 
     unet, scheduler = load_backbone(args.backbone)
     unet.requires_grad_(True).train()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import adapter_settings, load_params, total_adapter_steps
 from pipeline.files import atomic_dir, write_json
 from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
 from pipeline.models.backbone import OneStepReadout, load_backbone
-from pipeline.stages.train_lora import adapter_settings
 from pipeline.tracking import finish, log_model_folder, make_logger
 from pipeline.training.fit import fit_restoration
 from pipeline.training.trainer import seed
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.shared_lora
     tasks = list(params.degradations)
     settings = shared_settings(params)
-    max_steps = len(tasks) * params.lora.train.max_steps
+    max_steps = total_adapter_steps(params)
 
     unet, scheduler = load_backbone(args.backbone)
     model = attach_lora(unet, lora_config(settings))
