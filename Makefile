@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python`: the one in the project venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-fast params results retrain
+.PHONY: repro test test-fast params results bench retrain
 repro: $(STAMP)  ## run the whole study (dvc repro) on the embedded default data
 	$(BIN)/dvc repro
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 
 results: $(STAMP)  ## rewrite the README's Results section and docs/ sample from the last `dvc repro`
 	$(BIN)/python -m pipeline.evaluation.results
+
+bench: $(STAMP)  ## benchmarks after `make repro`: quality on ../shared/data/testsets, speed, storage -> README
+	$(BIN)/python -m benchmarks --readme $(ARGS)
 
 retrain: $(STAMP)  ## what CI's retrain workflow runs: pull, repro or exp run -S $$SET_PARAMS, push, metrics diff
 	scripts/retrain.sh

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from albumentations.core.pydantic import check_range_bounds
 from albumentations.core.transforms_interface import BaseTransformInitSchema
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import AfterValidator
 
 
@@ -85,20 +86,15 @@ def build_transform(name: str, spec: Mapping[str, Any]) -> A.Compose:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers to plain dicts/lists (albumentations validates with pydantic)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
-def _leaf_transforms(transform: Any) -> Iterable[A.BasicTransform]:
+def leaf_transforms(transform: Any) -> Iterable[A.BasicTransform]:
     if isinstance(transform, A.BaseCompose):
         for child in transform.transforms:
-            yield from _leaf_transforms(child)
+            yield from leaf_transforms(child)
     else:
         yield transform
 
@@ -150,7 +146,7 @@ class Degradation:
         for name, transform in zip(self.names, self.transforms):
             transform.set_random_seed(sample_seed(seed, name))
             image = transform(image=image)["image"]
-            for leaf in _leaf_transforms(transform):
+            for leaf in leaf_transforms(transform):
                 if leaf.params:
                     params = {k: v for k, v in leaf.params.items() if k != "shape"}
                     applied.append({"degradation": name, "transform": type(leaf).__name__, **_summarise(params)})

@@ -1,0 +1,96 @@
+"""``python -m benchmarks``: run the benchmarks on the trained ``models/`` and write the report.
+
+Writes ``reports/benchmarks.json`` (every figure) and ``reports/benchmarks.md``; ``--readme`` also
+replaces README's Performance section with the markdown. Test sets are read from
+``../shared/data/testsets`` (``--testsets``); a missing set is skipped with a line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks import quality, speed
+from benchmarks.report import markdown
+from benchmarks.testsets import DEFAULT_ROOT, benchmarks
+from pipeline.config import load_params
+from pipeline.evaluation.methods import Models
+from pipeline.files import atomic_path, write_json
+
+SECTIONS = ("quality", "speed", "storage")
+README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--models", default="models")
+    parser.add_argument("--testsets", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--images", type=int, default=4, help="images per test set (0: all)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
+    parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
+    parser.add_argument("--out", default="reports/benchmarks")
+    parser.add_argument("--readme", action="store_true", help="write the markdown into README.md's Performance section")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    models = Path(args.models)
+    if not (models / "router").is_dir():
+        raise SystemExit(f"{models} has no trained models: run `dvc repro` (or `make repro`) first")
+
+    started = time.time()
+    result: dict = {"machine": machine(), "profile": params.profile_name, "images_per_set": args.images or "all"}
+    if "storage" in args.sections:
+        result["storage"] = speed.storage(models)
+    if "speed" in args.sections:
+        result["training"] = speed.training_throughput(params, models, args.repeats)
+        result["growth"] = speed.growth(params, result["training"])
+        result["inference"] = speed.inference_speed(params, models, args.repeats)
+        result["restore"] = speed.restore_end_to_end(models)
+    if "quality" in args.sections:
+        degradations = OmegaConf.to_container(params.degradations, resolve=True)
+        mixes = ["+".join(m) for m in params.mixed if len(m) == 2][:2]
+        sets, skipped = benchmarks(args.testsets, degradations, mixes, args.images)
+        for line in skipped:
+            print(f"benchmarks: skipped {line}")
+        loaded = Models.load(models, list(params.degradations))
+        result["quality"] = quality.run(sets, loaded, params.router.top_k, classical=not args.no_classical)
+        result["skipped"] = skipped
+    result["seconds"] = time.time() - started
+
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), result)
+    text = markdown(result)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    if args.readme:
+        readme = Path("README.md")
+        content = readme.read_text(encoding="utf-8")
+        if README_START not in content or README_END not in content:
+            raise SystemExit(f"README.md has no {README_START} ... {README_END} section")
+        head, rest = content.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        with atomic_path(readme) as tmp:
+            tmp.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

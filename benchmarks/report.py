@@ -1,0 +1,56 @@
+"""The benchmark result as markdown (README's Performance section)."""
+
+from __future__ import annotations
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    parts = [f"Measured by `python -m benchmarks` on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
+             f"threads, torch {m['torch']}), profile `{result['profile']}`, in {result['seconds'] / 60:.1f} min."]
+    if "quality" in result:
+        parts.append(f"\n**Quality on real photographs** ({result['images_per_set']} images per set; PSNR on RGB "
+                     "[0, 255], SSIM; seconds per image on this CPU). Noise: clean + N(0, σ²), a fixed seed per "
+                     "image; JPEG: Pillow at the given quality, RGB PSNR (not the Y-channel protocol); Kodak24 "
+                     "rows use the project's own degradations (blur kernels known to Wiener / Richardson–Lucy).")
+        benches = list(dict.fromkeys(r["benchmark"] for r in result["quality"]))
+        rows = []
+        for bench in benches:
+            for r in (r for r in result["quality"] if r["benchmark"] == bench):
+                rows.append([bench, r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['seconds_per_image']:.2f}"])
+        parts.append(_table(["benchmark", "method", "PSNR", "SSIM", "s / image"], rows))
+        for line in result.get("skipped", []):
+            parts.append(f"- skipped {line}")
+    if "training" in result:
+        parts.append("\n**Training throughput** (one optimisation step at the stage's batch and patch size, the "
+                     "fastest of the repeats; *before*: PEFT's own LoRA forward, replaced by the merged-weight forward)")
+        rows = [[r["stage"], r["variant"], str(r["batch"]), f"{1000 * r['seconds_per_step']:.0f}",
+                 f"{r['patches_per_second']:.0f}", f"{r['stage_training_seconds']:.0f}"] for r in result["training"]]
+        parts.append(_table(["stage", "variant", "batch", "ms / step", "patches / s", "steps × s/step"], rows))
+        g = result["growth"]
+        parts.append(f"\n**Cost of growth** (training time from the step times above): a new degradation (one LoRA + "
+                     f"refitting the router) {g['new_degradation_seconds']:.0f} s, retraining the multi-task model "
+                     f"{g['multitask_retrain_seconds']:.0f} s (ratio {g['new_over_multitask']:.2f}), all training stages "
+                     f"{g['all_training_seconds']:.0f} s (ratio {g['new_over_all_training']:.2f}).")
+    if "inference" in result:
+        inf = result["inference"]
+        parts.append(f"\n**Inference** (UNet pass over {inf['batch']} tiles of {inf['tile']}²; "
+                     f"{inf['gflop_per_megapixel']:.1f} GFLOP per megapixel; this machine's fp32 matmul: "
+                     f"{inf['matmul_gflops']:.0f} GFLOP/s)")
+        rows = [[r["variant"], f"{r['ms_per_megapixel']:.0f}", f"{r['gflops_per_second']:.1f}",
+                 f"{r['fraction_of_matmul']:.2f}"] for r in inf["variants"]]
+        parts.append(_table(["adapters", "ms / MP", "GFLOP/s", "of matmul rate"], rows))
+        rows = [[f"{r['side']}²", f"{r['seconds']:.1f}", f"{r['ms_per_megapixel']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['peak_rss_over_loaded_models_mb']:.0f}"] for r in result["restore"]]
+        parts.append("\n**`UniversalRestorer.restore`** end to end (router, K=2, 256² tiles, one fresh process each)")
+        parts.append(_table(["image", "seconds", "ms / MP", "peak RSS MB", "of which restoring"], rows))
+    if "storage" in result:
+        rows = [[r["model"], f"{r['megabytes']:.2f}", f"{r['parameters']:,}"] for r in result["storage"]]
+        parts.append("\n**Storage**")
+        parts.append(_table(["model", "MB on disk", "parameters"], rows))
+    return "\n\n".join(parts) + "\n"

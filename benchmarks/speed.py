@@ -1,0 +1,251 @@
+"""Speed and memory: training throughput per stage, inference milliseconds per megapixel for K = 1
+(merged / PEFT / composed), K = 2 and K = N, achieved GFLOP/s against this machine's fp32 matmul rate,
+peak memory of a restore, and what the merged-weight LoRA paths bought (before/after in one run)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from peft import PeftModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import adapter_settings, adapter_training, total_adapter_steps
+from pipeline.models.adapters import attach_lora, lora_config, merged_lora_forward
+from pipeline.models.backbone import OneStepReadout, load_backbone
+from pipeline.models.composition import AdapterComposition
+from pipeline.models.router import DegradationRouter, RouterConfig
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The fastest of ``repeats`` runs, in seconds (the least disturbed by other load on the machine)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def _restoration_step(network: torch.nn.Module, readout: OneStepReadout, batch: int, patch: int, t_star: int):
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    lq, gt = torch.rand(batch, 3, patch, patch) * 2 - 1, torch.rand(batch, 3, patch, patch) * 2 - 1
+    t = torch.full((batch,), t_star)
+
+    def step():
+        loss = (readout(network, lq, t) - gt).abs().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def training_throughput(params: DictConfig, models: Path, repeats: int) -> list[dict]:
+    """Patches per second of each training stage's optimisation step at its own batch and patch size."""
+    torch.manual_seed(0)
+    rows = []
+    patch = params.synthesis.patch_size
+    names = list(params.degradations)
+
+    def add(stage: str, variant: str, step: Callable[[], None], batch: int, steps: int):
+        seconds = best_time(step, repeats)
+        rows.append({"stage": stage, "variant": variant, "batch": batch, "seconds_per_step": seconds,
+                     "patches_per_second": batch / seconds, "steps": steps, "stage_training_seconds": steps * seconds})
+
+    unet, scheduler = load_backbone(models / "backbone")
+    unet.requires_grad_(True).train()
+    readout = OneStepReadout(scheduler)
+    train = params.backbone.train
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    clean = torch.rand(train.batch_size, 3, train.patch_size, train.patch_size) * 2 - 1
+
+    def ddpm_step():
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, readout.num_timesteps, (clean.shape[0],))
+        F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    add("pretrain_backbone", "DDPM", ddpm_step, train.batch_size, train.max_steps)
+
+    seen = set()
+    for name in names:
+        settings = adapter_settings(params, name)
+        key = (settings["rank"], tuple(settings["targets"]))
+        training = adapter_training(params, name)
+        unet, _ = load_backbone(models / "backbone")
+        network = attach_lora(unet, lora_config(settings))
+        label = f"rank {settings['rank']} on {'/'.join(settings['targets'])}"
+        step = _restoration_step(network, readout, training.batch_size, patch, settings["t_star"])
+        with merged_lora_forward(network):
+            add(f"train_lora@{name}", f"{label}, merged weights", step, training.batch_size, training.max_steps)
+        if key not in seen:  # the PEFT forward, once per adapter shape: the "before"
+            add(f"train_lora@{name}", f"{label}, PEFT forward (before)", step, training.batch_size, training.max_steps)
+            seen.add(key)
+
+    total = total_adapter_steps(params)
+    per_task = [adapter_settings(params, d) for d in names]
+    shared = {"rank": sum(s["rank"] for s in per_task), "alpha": sum(s["alpha"] for s in per_task),
+              "targets": sorted({t for s in per_task for t in s["targets"]})}
+    unet, _ = load_backbone(models / "backbone")
+    network = attach_lora(unet, lora_config(shared))
+    step = _restoration_step(network, readout, params.shared_lora.train.batch_size, patch, params.shared_lora.t_star)
+    with merged_lora_forward(network):
+        add("train_shared_lora", f"rank {shared['rank']}, merged weights", step, params.shared_lora.train.batch_size, total)
+    add("train_shared_lora", f"rank {shared['rank']}, PEFT forward (before)", step, params.shared_lora.train.batch_size,
+        total)
+
+    unet, _ = load_backbone(models / "backbone")
+    unet.requires_grad_(True)
+    add("train_multitask", "full fine-tune", _restoration_step(unet, readout, params.multitask.train.batch_size, patch,
+                                                               params.multitask.t_star),
+        params.multitask.train.batch_size, total)
+
+    cfg = params.router
+    router = DegradationRouter(RouterConfig(names=names, embed_dim=cfg.embed_dim, width=cfg.width))
+    optimizer_r = torch.optim.AdamW(router.parameters(), lr=1e-4)
+    images = torch.rand(cfg.train.batch_size, 3, patch, patch) * 2 - 1
+    target = torch.softmax(torch.randn(cfg.train.batch_size, len(names)), -1)
+
+    def router_step():
+        (-(target * router(images).log_softmax(-1)).sum(-1).mean()).backward()
+        optimizer_r.step()
+        optimizer_r.zero_grad(set_to_none=True)
+
+    add("fit_router", "encoder", router_step, cfg.train.batch_size, cfg.train.max_steps)
+    return rows
+
+
+def inference_speed(params: DictConfig, models: Path, repeats: int, tile: int = 256, batch: int = 4) -> dict:
+    """Milliseconds per megapixel of the UNet pass over a batch of ``tile``² tiles, per way of applying
+    adapters, with achieved GFLOP/s (FLOPs of the bare backbone, the work every variant must do)."""
+    names = list(params.degradations)
+    composition = AdapterComposition.from_pretrained(models / "backbone", {n: models / "loras" / n for n in names})
+    y = torch.rand(batch, 3, tile, tile) * 2 - 1
+    t = torch.full((batch,), 120)
+    megapixels = batch * tile * tile / 1e6
+    n = len(names)
+    one_hot = torch.nn.functional.one_hot(torch.tensor(0), n).float()
+    two = torch.zeros(n)
+    two[:2] = 0.5
+    every = torch.full((n,), 1.0 / n)
+    per_sample_two = torch.stack([torch.roll(two, i) for i in range(batch)])
+
+    bare, _ = load_backbone(models / "backbone")
+    merged, _ = load_backbone(models / "backbone")
+    merged = PeftModel.from_pretrained(merged, str(models / "loras" / names[0])).merge_and_unload().eval()
+    peft_one, _ = load_backbone(models / "backbone")
+    peft_one = PeftModel.from_pretrained(peft_one, str(models / "loras" / names[0])).eval()
+    peft_two, _ = load_backbone(models / "backbone")
+    peft_two = PeftModel.from_pretrained(peft_two, str(models / "loras" / names[0]), adapter_name=names[0]).eval()
+    peft_two.load_adapter(str(models / "loras" / names[1]), adapter_name=names[1])
+    peft_two.base_model.set_adapter(names[:2])
+    for module in peft_two.modules():
+        if hasattr(module, "set_scale"):
+            for name in names[:2]:
+                if name in getattr(module, "lora_A", {}):
+                    module.set_scale(name, 0.5)
+
+    variants = {
+        "bare backbone (no adapter)": lambda: bare(y, t),
+        "K=1 merged into the weights": lambda: merged(y, t),
+        "K=1 PEFT forward, unmerged (before)": lambda: peft_one(y, t),
+        "K=1 composed weights": lambda: composition.unet(y, t, one_hot),
+        "K=2 PEFT forward, two active adapters (before)": lambda: peft_two(y, t),
+        "K=2 composed weights": lambda: composition.unet(y, t, two),
+        "K=2 per-sample weights (grouped conv)": lambda: composition.unet(y, t, per_sample_two),
+        f"K=N={n} composed weights": lambda: composition.unet(y, t, every),
+    }
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        bare(y, t)
+    flops = counter.get_total_flops()
+    matmul = matmul_gflops()
+    rows = []
+    with torch.no_grad():
+        for label, fn in variants.items():
+            seconds = best_time(fn, repeats)
+            rows.append({"variant": label, "ms_per_megapixel": 1000 * seconds / megapixels,
+                         "gflops_per_second": flops / seconds / 1e9,
+                         "fraction_of_matmul": flops / seconds / 1e9 / matmul})
+    return {"tile": tile, "batch": batch, "gflop_per_megapixel": flops / 1e9 / megapixels,
+            "matmul_gflops": matmul, "threads": torch.get_num_threads(), "variants": rows}
+
+
+def _restore_peak(models: str, side: int, queue) -> None:
+    from pipeline.models.restorer import UniversalRestorer
+
+    restorer = UniversalRestorer.from_pretrained(models)
+    image = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    restorer.restore(image)
+    seconds = time.perf_counter() - start
+    queue.put({"side": side, "megapixels": side * side / 1e6, "seconds": seconds,
+               "ms_per_megapixel": 1000 * seconds / (side * side / 1e6),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_over_loaded_models_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
+
+
+def restore_end_to_end(models: Path, sides=(1024, 2048)) -> list[dict]:
+    """``UniversalRestorer.restore`` (router, K=2 composition, 256² tiles) on one image per size, each in a
+    fresh process so that its peak resident memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for side in sides:
+        queue = context.Queue()
+        process = context.Process(target=_restore_peak, args=(str(models), side, queue))
+        process.start()
+        rows.append(queue.get())
+        process.join()
+    return rows
+
+
+def storage(models: Path) -> list[dict]:
+    from safetensors import safe_open
+
+    rows = []
+    folders = [("backbone", models / "backbone"), ("multi-task model", models / "multitask"),
+               ("shared LoRA", models / "shared_lora"), ("router", models / "router")]
+    folders += [(f"LoRA {p.name}", p) for p in sorted((models / "loras").iterdir())]
+    for label, folder in folders:
+        if not folder.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        parameters = 0
+        for weights in folder.glob("*.safetensors"):
+            with safe_open(str(weights), "pt") as f:
+                parameters += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        rows.append({"model": label, "megabytes": size / 1e6, "parameters": parameters})
+    return rows
+
+
+def growth(params: DictConfig, training: list[dict]) -> dict:
+    """What adding a degradation costs in training time, from this run's measured step times: one new
+    LoRA (the mean LoRA) plus refitting the router, against retraining the multi-task baseline and
+    against every training stage of a full ``dvc repro``."""
+    merged = [r for r in training if "(before)" not in r["variant"]]
+    by_stage = {r["stage"]: r for r in merged}
+    loras = [r["stage_training_seconds"] for r in merged if r["stage"].startswith("train_lora@")]
+    new = float(np.mean(loras)) + by_stage["fit_router"]["stage_training_seconds"]
+    multitask = by_stage["train_multitask"]["stage_training_seconds"]
+    everything = sum(r["stage_training_seconds"] for r in merged)
+    return {"new_degradation_seconds": new, "multitask_retrain_seconds": multitask,
+            "all_training_seconds": everything, "new_over_multitask": new / multitask,
+            "new_over_all_training": new / everything}
+
+

@@ -1,0 +1,92 @@
+"""The benchmark building blocks: test-set protocols, classical baselines, storage and speed figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from benchmarks import classical, speed
+from benchmarks.report import markdown
+from benchmarks.testsets import DEFAULT_ROOT, Case, benchmarks, gaussian_noise, jpeg
+
+from .conftest import ROOT, psnr
+
+
+def test_noise_protocol_is_seeded_per_image_and_has_the_stated_sigma(photo):
+    a, b = gaussian_noise(photo, 25, seed=1), gaussian_noise(photo, 25, seed=1)
+    assert np.array_equal(a, b) and not np.array_equal(a, gaussian_noise(photo, 25, seed=2))
+    residual = a.astype(float) - photo.astype(float)
+    assert abs(residual[(photo > 40) & (photo < 215)].std() - 25) < 1.5
+
+
+def test_jpeg_protocol_loses_more_at_lower_quality(photo):
+    assert psnr(photo, jpeg(photo, 10)) < psnr(photo, jpeg(photo, 40)) < 60
+
+
+def test_missing_test_sets_are_skipped_with_a_reason(tmp_path):
+    params = OmegaConf.load(ROOT / "params.yaml")
+    sets, skipped = benchmarks(tmp_path, OmegaConf.to_container(params.degradations), [], limit=2)
+    assert sets == [] and len(skipped) == 3 and all("not found" in s for s in skipped)
+
+
+@pytest.mark.skipif(not (DEFAULT_ROOT / "Kodak24").is_dir(), reason="shared/data/testsets is absent")
+def test_real_test_sets_give_every_benchmark_and_known_blur_kernels():
+    params = OmegaConf.load(ROOT / "params.yaml")
+    sets, skipped = benchmarks(DEFAULT_ROOT, OmegaConf.to_container(params.degradations), ["noise+blur"], limit=1)
+    names = {s.name for s in sets}
+    assert {"CBSD68 noise σ=25", "Kodak24 noise σ=50", "LIVE1 JPEG q=10", "Kodak24 blur", "Kodak24 noise+blur"} <= names
+    (blur,) = [s for s in sets if s.name == "Kodak24 blur"]
+    kernel = blur.cases[0].extra["kernel"]
+    assert kernel.ndim == 2 and abs(kernel.sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["non_local_means", "total_variation", "cbm3d"])
+def test_classical_denoisers_improve_a_noisy_photo(photo, method):
+    if method == "cbm3d":
+        pytest.importorskip("bm3d")
+    case = Case("astronaut", photo, gaussian_noise(photo, 25, seed=0), "noise", {"sigma": 25})
+    restored = getattr(classical, method)(case)
+    assert restored.shape == photo.shape and restored.dtype == np.uint8
+    assert psnr(photo, restored) > psnr(photo, case.degraded) + 2
+
+
+@pytest.mark.parametrize("method", ["wiener", "richardson_lucy"])
+def test_known_kernel_deconvolution_sharpens_a_blurred_photo(photo, method):
+    from scipy.signal import fftconvolve
+
+    kernel = np.outer(np.hanning(7), np.hanning(7))
+    kernel /= kernel.sum()
+    blurred = np.stack([fftconvolve(photo[..., c].astype(float), kernel, mode="same") for c in range(3)], -1)
+    case = Case("astronaut", photo, np.clip(blurred, 0, 255).round().astype(np.uint8), "blur", {"kernel": kernel})
+    inner = (slice(8, -8), slice(8, -8))  # borders: the convolution's boundary, not the method
+    restored = getattr(classical, method)(case)
+    assert psnr(photo[inner], restored[inner]) > psnr(photo[inner], case.degraded[inner])
+
+
+def test_storage_lists_each_model_with_its_size_and_parameters(tiny_models):
+    rows = speed.storage(tiny_models)
+    assert {r["model"] for r in rows} == {"backbone", "router", "LoRA noise", "LoRA blur"}
+    assert all(r["megabytes"] > 0 and r["parameters"] > 0 for r in rows)
+    lora = next(r for r in rows if r["model"] == "LoRA noise")
+    backbone = next(r for r in rows if r["model"] == "backbone")
+    assert lora["parameters"] < backbone["parameters"]
+
+
+def test_report_renders_every_section():
+    result = {
+        "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "torch": "2"}, "profile": "smoke", "seconds": 60,
+        "images_per_set": 1,
+        "quality": [{"benchmark": "CBSD68 noise σ=25", "method": "CBM3D", "psnr": 30.1, "ssim": 0.8, "seconds_per_image": 9.0}],
+        "training": [{"stage": "train_lora@noise", "variant": "v", "batch": 16, "seconds_per_step": 0.1,
+                      "patches_per_second": 160, "stage_training_seconds": 20}],
+        "growth": {"new_degradation_seconds": 30, "multitask_retrain_seconds": 300, "all_training_seconds": 900,
+                   "new_over_multitask": 0.1, "new_over_all_training": 0.03},
+        "inference": {"tile": 256, "batch": 4, "gflop_per_megapixel": 10, "matmul_gflops": 100,
+                      "variants": [{"variant": "K=1", "ms_per_megapixel": 500, "gflops_per_second": 20, "fraction_of_matmul": 0.2}]},
+        "restore": [{"side": 1024, "seconds": 1, "ms_per_megapixel": 950, "peak_rss_mb": 900, "peak_rss_over_loaded_models_mb": 100}],
+        "storage": [{"model": "backbone", "megabytes": 2.5, "parameters": 620000}],
+    }
+    text = markdown(result)
+    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²"):
+        assert needle in text
