@@ -45,10 +45,11 @@ def markdown(result: dict) -> str:
         rows = [[r["variant"], f"{r['ms_per_megapixel']:.0f}", f"{r['gflops_per_second']:.1f}",
                  f"{r['fraction_of_matmul']:.2f}"] for r in inf["variants"]]
         parts.append(_table(["adapters", "ms / MP", "GFLOP/s", "of matmul rate"], rows))
-        rows = [[f"{r['side']}²", f"{r['seconds']:.1f}", f"{r['ms_per_megapixel']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['peak_rss_over_loaded_models_mb']:.0f}"] for r in result["restore"]]
+        rows = [[f"{r['side']}²", f"{r['seconds']:.1f}", f"{r['ms_per_megapixel']:.0f}", f"{r['rss_loaded_mb']:.0f}",
+                 f"{r['peak_rss_mb']:.0f}"] for r in result["restore"]]
         parts.append("\n**`UniversalRestorer.restore`** end to end (router, K=2, 256² tiles, one fresh process each)")
-        parts.append(_table(["image", "seconds", "ms / MP", "peak RSS MB", "of which restoring"], rows))
+        parts.append(_table(["image", "seconds", "ms / MP", "RSS with models loaded, MB", "peak RSS while restoring, MB"],
+                            rows))
     if "storage" in result:
         rows = [[r["model"], f"{r['megabytes']:.2f}", f"{r['parameters']:,}"] for r in result["storage"]]
         parts.append("\n**Storage**")

@@ -84,7 +84,7 @@ def test_report_renders_every_section():
                    "new_over_multitask": 0.1, "new_over_all_training": 0.03},
         "inference": {"tile": 256, "batch": 4, "gflop_per_megapixel": 10, "matmul_gflops": 100,
                       "variants": [{"variant": "K=1", "ms_per_megapixel": 500, "gflops_per_second": 20, "fraction_of_matmul": 0.2}]},
-        "restore": [{"side": 1024, "seconds": 1, "ms_per_megapixel": 950, "peak_rss_mb": 900, "peak_rss_over_loaded_models_mb": 100}],
+        "restore": [{"side": 1024, "seconds": 1, "ms_per_megapixel": 950, "rss_loaded_mb": 800, "peak_rss_mb": 900}],
         "storage": [{"model": "backbone", "megabytes": 2.5, "parameters": 620000}],
     }
     text = markdown(result)
