@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks import quality, speed
+from benchmarks import growth, quality, speed
 from benchmarks.report import markdown
 from benchmarks.testsets import DEFAULT_ROOT, benchmarks
 from pipeline.config import load_params
 from pipeline.evaluation.methods import Models
 from pipeline.files import atomic_path, write_json
 
-SECTIONS = ("quality", "speed", "storage")
+SECTIONS = ("quality", "speed", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
@@ -44,10 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="models")
     parser.add_argument("--testsets", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--images", type=int, default=4, help="images per test set (0: all)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:3]),
+                        help="growth: time a `dvc repro` after adding a degradation, in a clone (about 20 min)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
     parser.add_argument("--out", default="reports/benchmarks")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other sections of an existing <out>.json (e.g. add growth to a full run)")
     parser.add_argument("--readme", action="store_true", help="write the markdown into README.md's Performance section")
     args = parser.parse_args(argv)
     params = load_params(args.params)
@@ -56,7 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{models} has no trained models: run `dvc repro` (or `make repro`) first")
 
     started = time.time()
-    result: dict = {"machine": machine(), "profile": params.profile_name, "images_per_set": args.images or "all"}
+    out = Path(args.out)
+    result: dict = {}
+    if args.update and out.with_suffix(".json").is_file():
+        result = json.loads(out.with_suffix(".json").read_text())
+    result.update(machine=machine(), profile=params.profile_name)
+    if "quality" in args.sections:
+        result["images_per_set"] = args.images or "all"
     if "storage" in args.sections:
         result["storage"] = speed.storage(models)
     if "speed" in args.sections:
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         result["growth"] = speed.growth(params, result["training"])
         result["inference"] = speed.inference_speed(params, models, args.repeats)
         result["restore"] = speed.restore_end_to_end(models)
+    if "growth" in args.sections:
+        result["growth_repro"] = growth.timed_repro(Path.cwd())
     if "quality" in args.sections:
         degradations = OmegaConf.to_container(params.degradations, resolve=True)
         mixes = ["+".join(m) for m in params.mixed if len(m) == 2][:2]
@@ -73,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = Models.load(models, list(params.degradations))
         result["quality"] = quality.run(sets, loaded, params.router.top_k, classical=not args.no_classical)
         result["skipped"] = skipped
-    result["seconds"] = time.time() - started
-
-    out = Path(args.out)
+    result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
     write_json(out.with_suffix(".json"), result)
     text = markdown(result)
     with atomic_path(out.with_suffix(".md")) as tmp:

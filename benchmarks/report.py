@@ -11,8 +11,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    runs = "; ".join(f"{', '.join(r['sections'])} in {r['seconds'] / 60:.1f} min" for r in result["runs"])
     parts = [f"Measured by `python -m benchmarks` on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch "
-             f"threads, torch {m['torch']}), profile `{result['profile']}`, in {result['seconds'] / 60:.1f} min."]
+             f"threads, torch {m['torch']}), profile `{result['profile']}` ({runs})."]
     if "quality" in result:
         parts.append(f"\n**Quality on real photographs** ({result['images_per_set']} images per set; PSNR on RGB "
                      "[0, 255], SSIM; seconds per image on this CPU). Noise: clean + N(0, σ²), a fixed seed per "
@@ -37,6 +38,14 @@ def markdown(result: dict) -> str:
                      f"refitting the router) {g['new_degradation_seconds']:.0f} s, retraining the multi-task model "
                      f"{g['multitask_retrain_seconds']:.0f} s (ratio {g['new_over_multitask']:.2f}), all training stages "
                      f"{g['all_training_seconds']:.0f} s (ratio {g['new_over_all_training']:.2f}).")
+    if "growth_repro" in result:
+        g = result["growth_repro"]
+        rows = [[stage, f"{seconds:.0f}"] for stage, seconds in g["stages"].items()]
+        parts.append(f"\n**`dvc repro` after adding one degradation** (`{g['degradation']}`, timed stage by stage in a "
+                     f"clone): {g['total_seconds'] / 60:.1f} min in all; LoRAs trained: {', '.join(g['trained_loras'])}. "
+                     f"UIR-LoRA's own part (its data, its LoRA, the router) {g['uir_lora_seconds']:.0f} s; the rest "
+                     f"retrains the union baselines and re-evaluates (multi-task alone {g['multitask_seconds']:.0f} s).")
+        parts.append(_table(["stage", "seconds"], rows))
     if "inference" in result:
         inf = result["inference"]
         parts.append(f"\n**Inference** (UNet pass over {inf['batch']} tiles of {inf['tile']}²; "

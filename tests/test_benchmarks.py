@@ -75,7 +75,7 @@ def test_storage_lists_each_model_with_its_size_and_parameters(tiny_models):
 
 def test_report_renders_every_section():
     result = {
-        "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "torch": "2"}, "profile": "smoke", "seconds": 60,
+        "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "torch": "2"}, "profile": "smoke", "runs": [{"sections": ["quality"], "seconds": 60}],
         "images_per_set": 1,
         "quality": [{"benchmark": "CBSD68 noise σ=25", "method": "CBM3D", "psnr": 30.1, "ssim": 0.8, "seconds_per_image": 9.0}],
         "training": [{"stage": "train_lora@noise", "variant": "v", "batch": 16, "seconds_per_step": 0.1,
@@ -90,3 +90,15 @@ def test_report_renders_every_section():
     text = markdown(result)
     for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²"):
         assert needle in text
+
+
+def test_growth_adds_one_degradation_trained_like_noise():
+    import yaml
+
+    from benchmarks.growth import NEW, add_degradation
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    grown = add_degradation(params)
+    assert set(grown["degradations"]) == set(params["degradations"]) | {NEW}
+    assert grown["degradations"][NEW]["adapter"] == params["degradations"]["noise"]["adapter"]
+    assert NEW not in params["degradations"], "the input is left alone"

@@ -1,0 +1,67 @@
+"""The wall time of ``dvc repro`` after adding one degradation, stage by stage, in a throw-away clone.
+
+The clone shares this workspace's DVC cache, checks out the trained outputs, gets one new
+degradation in ``params.yaml`` (multiplicative speckle noise, trained like ``noise``) and runs
+``dvc repro``; each ``Running stage`` line is timestamped as it is printed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+NEW = "speckle"
+
+
+def add_degradation(params: dict, like: str = "noise") -> dict:
+    """``params`` with ``speckle`` added: ``like``'s adapter settings, a MultiplicativeNoise transform."""
+    params = copy.deepcopy(params)
+    entry = copy.deepcopy(params["degradations"][like])
+    entry["description"] = "multiplicative speckle noise"
+    entry["transform"] = {"__class_fullname__": "Compose", "p": 1.0, "transforms": [
+        {"__class_fullname__": "MultiplicativeNoise", "p": 1.0, "multiplier": [0.7, 1.3], "per_channel": True,
+         "elementwise": True}]}
+    params["degradations"][NEW] = entry
+    return params
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> None:
+    subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+
+
+def timed_repro(project: Path) -> dict:
+    """Per-stage and total wall time of the growth ``dvc repro`` (seconds)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WANDB_MODE": "offline"}
+    dvc = [sys.executable, "-m", "dvc"]
+    with tempfile.TemporaryDirectory(prefix="uir-growth-") as tmp:
+        clone = Path(tmp) / "clone"
+        _run(["git", "clone", "-q", str(project), str(clone)], Path(tmp), env)
+        _run([*dvc, "cache", "dir", "--local", str((project / ".dvc" / "cache").resolve())], clone, env)
+        _run([*dvc, "checkout"], clone, env)
+        params_file = clone / "params.yaml"
+        params_file.write_text(yaml.safe_dump(add_degradation(yaml.safe_load(params_file.read_text())), sort_keys=False))
+        stages, current, started = {}, None, time.perf_counter()
+        process = subprocess.Popen([*dvc, "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            if line.startswith("Running stage '"):
+                now = time.perf_counter()
+                if current:
+                    stages[current] = now - stage_start
+                current, stage_start = line.split("'")[1], now
+        if process.wait() != 0:
+            raise RuntimeError("the growth `dvc repro` failed")
+        total = time.perf_counter() - started
+        if current:
+            stages[current] = time.perf_counter() - stage_start
+    uir = sum(v for k, v in stages.items() if k in (f"synthesize@{NEW}", f"train_lora@{NEW}", "fit_router"))
+    return {"degradation": NEW, "stages": stages, "total_seconds": total, "uir_lora_seconds": uir,
+            "multitask_seconds": stages.get("train_multitask"), "trained_loras": [s for s in stages if s.startswith("train_lora@")]}
