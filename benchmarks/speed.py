@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import adapter_settings, adapter_training, total_adapter_steps
+from pipeline.config import adapter_settings, adapter_training, shared_adapter_settings, total_adapter_steps
 from pipeline.models.adapters import attach_lora, lora_config, merged_lora_forward
 from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.composition import AdapterComposition
 from pipeline.models.router import DegradationRouter, RouterConfig
+from pipeline.training.restoration import charbonnier
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -46,7 +47,7 @@ def _restoration_step(network: torch.nn.Module, readout: OneStepReadout, batch: 
     t = torch.full((batch,), t_star)
 
     def step():
-        loss = (readout(network, lq, t) - gt).abs().mean()
+        loss = charbonnier(readout(network, lq, t), gt).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,9 +99,7 @@ def training_throughput(params: DictConfig, models: Path, repeats: int) -> list[
             seen.add(key)
 
     total = total_adapter_steps(params)
-    per_task = [adapter_settings(params, d) for d in names]
-    shared = {"rank": sum(s["rank"] for s in per_task), "alpha": sum(s["alpha"] for s in per_task),
-              "targets": sorted({t for s in per_task for t in s["targets"]})}
+    shared = shared_adapter_settings(params)
     unet, _ = load_backbone(models / "backbone")
     network = attach_lora(unet, lora_config(shared))
     step = _restoration_step(network, readout, params.shared_lora.train.batch_size, patch, params.shared_lora.t_star)

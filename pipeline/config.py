@@ -48,6 +48,14 @@ def adapter_training(params: DictConfig, degradation: str) -> DictConfig:
                              "max_steps": int(round(params.lora.train.max_steps * multiplier))})
 
 
+def shared_adapter_settings(params: DictConfig) -> dict:
+    """The shared-LoRA baseline: the rank and alpha of all per-degradation LoRAs together, on the union of
+    their target layers."""
+    per_task = [adapter_settings(params, d) for d in params.degradations]
+    return {"rank": sum(s["rank"] for s in per_task), "alpha": sum(s["alpha"] for s in per_task),
+            "targets": sorted({t for s in per_task for t in s["targets"]})}
+
+
 def total_adapter_steps(params: DictConfig) -> int:
     """The steps of all per-degradation LoRAs together: the budget of the baselines trained on the union."""
     return sum(int(adapter_training(params, d).max_steps) for d in params.degradations)

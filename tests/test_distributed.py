@@ -52,7 +52,6 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_project, tmp_path):
     assert set(single) == set(ddp)
     worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
     assert worst < 1e-4, f"largest weight difference {worst:g}"
-    assert any(not torch.equal(single[k], ddp[k]) for k in single) or worst == 0
     assert abs(single_metrics["val/psnr"] - ddp_metrics["val/psnr"]) < 0.01
     assert ddp_metrics["step"] == single_metrics["step"]
     assert stdout.count("train_lora@noise: val PSNR") == 1, "only rank 0 reports and writes"

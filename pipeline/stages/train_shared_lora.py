@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import adapter_settings, load_params, total_adapter_steps
+from pipeline.config import load_params, shared_adapter_settings, total_adapter_steps
 from pipeline.files import atomic_dir, write_json
 from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
 from pipeline.models.backbone import OneStepReadout, load_backbone
@@ -19,12 +19,6 @@ from pipeline.training.fit import fit_restoration
 from pipeline.training.trainer import seed
 
 STAGE = "train_shared_lora"
-
-
-def shared_settings(params) -> dict:
-    per_task = [adapter_settings(params, d) for d in params.degradations]
-    targets = sorted({t for s in per_task for t in s["targets"]})
-    return {"rank": sum(s["rank"] for s in per_task), "alpha": sum(s["alpha"] for s in per_task), "targets": targets}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     seed(params)
     cfg = params.shared_lora
     tasks = list(params.degradations)
-    settings = shared_settings(params)
+    settings = shared_adapter_settings(params)
     max_steps = total_adapter_steps(params)
 
     unet, scheduler = load_backbone(args.backbone)
