@@ -1,8 +1,18 @@
 """Degradations are data: each one is an albumentations ``Compose`` in its serialised dict form (YAML in
-``conf/degradations/``). Where albumentations has no physically based model (haze), the project adds a
-transform here that registers with albumentations' serialiser, so YAML names it like any other.
+``conf/degradations/``). Where albumentations has no physically based model (haze), or where its
+transform is not what the study needs, the project adds a transform here that registers with
+albumentations' serialiser, so YAML names it like any other:
 
-Every sample is degraded under its own seed, so the same params and seed give the same bytes.
+* ``AtmosphericHaze``: the scattering model, with a smooth random depth map.
+* ``ExactGaussianBlur`` / ``ExactMotionBlur``: albumentations' kernels, applied in exact integer
+  arithmetic. OpenCV's float filters (``filter2D`` switches to a DFT for kernels of 11² and more) round
+  differently with each CPU's SIMD units, so the same seed gave other bytes on another machine.
+* ``AreaRain``: ``RandomRain`` with a number of drops proportional to the image's *area*.
+  albumentations draws ``height // 3`` drops, so a 48² training patch got 2.7× the streak density of a
+  128² test crop and the router learned the wrong picture of rain.
+
+Every degradation's statistics per pixel are the same at any image size (tested), and every sample is
+degraded under its own seed, so the same params and seed give the same bytes on any x86-64 machine.
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ from albumentations.core.pydantic import check_range_bounds
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import AfterValidator
+from scipy import ndimage
+
+KERNEL_BITS = 12  # fixed-point precision of a quantised kernel tap (per axis for separable kernels)
 
 
 class AtmosphericHaze(A.ImageOnlyTransform):
@@ -69,6 +82,83 @@ class AtmosphericHaze(A.ImageOnlyTransform):
         hazy = img.astype(np.float32) / max_value * t + airlight * (1 - t)
         hazy = np.clip(hazy * max_value, 0, max_value)
         return np.round(hazy).astype(img.dtype) if img.dtype.kind == "u" else hazy.astype(img.dtype)
+
+
+def quantise_kernel(kernel: np.ndarray, bits: int = KERNEL_BITS) -> np.ndarray:
+    """Integer taps summing to exactly ``2**bits`` (the rounding error goes to the largest tap), so a
+    flat image stays flat."""
+    scale = 1 << bits
+    kernel = np.asarray(kernel, dtype=np.float64)
+    taps = np.round(kernel / kernel.sum() * scale).astype(np.int64)
+    taps.flat[int(np.argmax(taps))] += scale - int(taps.sum())
+    return taps
+
+
+def exact_filter(image: np.ndarray, kernel: np.ndarray, separable: bool = False) -> np.ndarray:
+    """``image`` (H×W×C uint8) correlated with ``kernel`` (2-D, or the 1-D factor of a separable one),
+    reflect-101 borders, rounded to uint8.
+
+    Integer taps on integer pixels: every partial sum is an integer below 2**53, so the float64
+    accumulation is exact in any order and the result is the same on every CPU and thread count.
+    """
+    if image.dtype != np.uint8:
+        raise ValueError(f"exact_filter takes uint8 images, got {image.dtype}")
+    pixels = image.astype(np.float64)
+    taps = quantise_kernel(kernel).astype(np.float64)
+    if separable:
+        for axis in (0, 1):
+            pixels = ndimage.correlate1d(pixels, taps, axis=axis, mode="mirror")
+        scale = float(1 << (2 * KERNEL_BITS))
+    else:
+        pixels = ndimage.correlate(pixels, taps[..., None] if pixels.ndim == 3 else taps, mode="mirror")
+        scale = float(1 << KERNEL_BITS)
+    return np.clip(np.floor((pixels + scale / 2) / scale), 0, 255).astype(np.uint8)
+
+
+class ExactGaussianBlur(A.GaussianBlur):
+    """``GaussianBlur`` whose kernel is applied by :func:`exact_filter` (bit-identical on every CPU)."""
+
+    def apply(self, img: np.ndarray, kernel: np.ndarray, **params: Any) -> np.ndarray:
+        return exact_filter(img, kernel, separable=True)
+
+
+class ExactMotionBlur(A.MotionBlur):
+    """``MotionBlur`` whose kernel is applied by :func:`exact_filter` (bit-identical on every CPU)."""
+
+    def apply(self, img: np.ndarray, kernel: np.ndarray, **params: Any) -> np.ndarray:
+        return exact_filter(img, kernel)
+
+
+class AreaRain(A.RandomRain):
+    """``RandomRain`` with a streak density that does not depend on the image size.
+
+    Args:
+        drops_per_megapixel: range of the density; each image draws a density from it, then a
+            Poisson number of drops for its area.
+        The other arguments are ``RandomRain``'s (``drop_length`` in pixels, as there).
+    """
+
+    class InitSchema(A.RandomRain.InitSchema):
+        drops_per_megapixel: Annotated[tuple[float, float], AfterValidator(check_range_bounds(0, None))]
+
+    def __init__(self, drops_per_megapixel: tuple[float, float] = (4000.0, 8000.0),
+                 slant_range: tuple[float, float] = (-10, 10), drop_length: int | None = None, drop_width: int = 1,
+                 drop_color: tuple[int, int, int] = (200, 200, 200), blur_value: int = 7,
+                 brightness_coefficient: float = 0.7, rain_type: str = "default", p: float = 0.5):
+        super().__init__(slant_range=slant_range, drop_length=drop_length, drop_width=drop_width, drop_color=drop_color,
+                         blur_value=blur_value, brightness_coefficient=brightness_coefficient, rain_type=rain_type, p=p)
+        self.drops_per_megapixel = drops_per_megapixel
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        density = self.py_random.uniform(*self.drops_per_megapixel)
+        length = self.drop_length if self.drop_length is not None else max(1, height // 8)
+        length = min(length, height - 1)
+        count = int(self.random_generator.poisson(density * height * width / 1e6))
+        drops = self.random_generator.integers(low=[0, 0], high=[width, height - length], size=(count, 2),
+                                               dtype=np.int32)
+        slant = self.py_random.uniform(*self.slant_range)
+        return {"drop_length": length, "slant": slant, "rain_drops": drops, "density": density}
 
 
 def build_transform(name: str, spec: Mapping[str, Any]) -> A.Compose:
