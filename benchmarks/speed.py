@@ -163,11 +163,11 @@ def inference_speed(params: DictConfig, models: Path, repeats: int, tile: int = 
         "bare backbone (no adapter)": lambda: bare(y, t),
         "K=1 merged into the weights": lambda: merged(y, t),
         "K=1 PEFT forward, unmerged (before)": lambda: peft_one(y, t),
-        "K=1 composed weights": lambda: composition.unet(y, t, one_hot),
+        "K=1 composed weights": lambda: composition.epsilon(y, t, one_hot),
         "K=2 PEFT forward, two active adapters (before)": lambda: peft_two(y, t),
-        "K=2 composed weights": lambda: composition.unet(y, t, two),
-        "K=2 per-sample weights (grouped conv)": lambda: composition.unet(y, t, per_sample_two),
-        f"K=N={n} composed weights": lambda: composition.unet(y, t, every),
+        "K=2 composed weights": lambda: composition.epsilon(y, t, two),
+        "K=2 per-sample weights (grouped conv)": lambda: composition.epsilon(y, t, per_sample_two),
+        f"K=N={n} composed weights": lambda: composition.epsilon(y, t, every),
     }
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         bare(y, t)

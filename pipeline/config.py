@@ -16,14 +16,29 @@ PARAMS_FILE = "params.yaml"
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
-    """Read ``params.yaml`` as a read-only config in struct mode (a misspelt key is an error, not None)."""
+    """Read ``params.yaml``, validated against ``pipeline.schema`` (a ``ParamsError`` names each bad key and
+    its allowed range), as a read-only config in struct mode (a misspelt key is an error, not None)."""
+    from pipeline.schema import validate
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run from the project root, or compose it with `make params`")
     params = OmegaConf.load(path)
+    validate(OmegaConf.to_container(params, resolve=True), source=str(path))
     OmegaConf.set_struct(params, True)
     OmegaConf.set_readonly(params, True)
     return params
+
+
+def stage_params(path: str | Path = PARAMS_FILE) -> DictConfig:
+    """``load_params`` for a stage's ``main``: a missing or invalid file ends the process with its message
+    alone (no traceback), before the stage imports its models or reads any data."""
+    from pipeline.schema import ParamsError
+
+    try:
+        return load_params(path)
+    except (FileNotFoundError, ParamsError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def adapter_settings(params: DictConfig, degradation: str) -> dict:

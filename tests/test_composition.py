@@ -61,7 +61,7 @@ def test_one_hot_weights_equal_that_single_adapter(folders, composition, index, 
     if per_sample:  # force the per-sample path: the other rows differ
         weights = torch.stack([weights, torch.zeros(len(NAMES)), weights])
     with torch.no_grad():
-        got = composition.unet(x, t, weights)
+        got = composition.epsilon(x, t, weights)
     expected = _peft_single(folders, NAMES[index], x, t)
     rows = [0, 2] if per_sample else [0, 1, 2]
     assert (got[rows] - expected[rows]).abs().max() <= TOL
@@ -72,9 +72,9 @@ def test_zero_weights_equal_the_bare_backbone(folders, composition):
     unet, _ = load_backbone(folders / "backbone")
     with torch.no_grad():
         expected = unet(x, t).sample
-        assert (composition.unet(x, t, torch.zeros(len(NAMES))) - expected).abs().max() <= TOL
+        assert (composition.epsilon(x, t, torch.zeros(len(NAMES))) - expected).abs().max() <= TOL
         mixed = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
-        assert (composition.unet(x, t, mixed)[[0, 2]] - expected[[0, 2]]).abs().max() <= TOL
+        assert (composition.epsilon(x, t, mixed)[[0, 2]] - expected[[0, 2]]).abs().max() <= TOL
 
 
 def _cat_reference(folders, weights, x, t):
@@ -93,7 +93,7 @@ def test_arbitrary_weights_equal_peft_cat_merge(folders, composition, weights):
     weights = torch.tensor(weights)
     x, t = _inputs()
     with torch.no_grad():
-        got = composition.unet(x, t, weights)
+        got = composition.epsilon(x, t, weights)
     assert (got - _cat_reference(folders, weights, x, t)).abs().max() <= TOL
 
 
@@ -101,7 +101,7 @@ def test_per_sample_weights_in_one_batch_equal_each_sample_alone(folders, compos
     per_sample = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
     x, t = _inputs()
     with torch.no_grad():
-        got = composition.unet(x, t, per_sample)
+        got = composition.epsilon(x, t, per_sample)
     for b in range(3):
         expected = _cat_reference(folders, per_sample[b], x[b : b + 1], t[b : b + 1])
         assert (got[b : b + 1] - expected).abs().max() <= TOL
@@ -110,10 +110,10 @@ def test_per_sample_weights_in_one_batch_equal_each_sample_alone(folders, compos
 def test_composition_leaves_no_state_behind(composition):
     x, t = _inputs()
     with torch.no_grad():
-        first = composition.unet(x, t, torch.tensor([0.2, 0.5, 0.3]))
-        composition.unet(x, t, torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]))
-        composition.unet(x, t, torch.tensor([0.0, 0.0, 0.0]))
-        assert torch.equal(first, composition.unet(x, t, torch.tensor([0.2, 0.5, 0.3])))
+        first = composition.epsilon(x, t, torch.tensor([0.2, 0.5, 0.3]))
+        composition.epsilon(x, t, torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]))
+        composition.epsilon(x, t, torch.tensor([0.0, 0.0, 0.0]))
+        assert torch.equal(first, composition.epsilon(x, t, torch.tensor([0.2, 0.5, 0.3])))
     assert not any(p.requires_grad for p in composition.parameters())
 
 

@@ -1,99 +1,83 @@
-"""The methods the evaluation compares, each a function from a degraded batch (and its true
-degradations) to a restored batch, all on the same frozen backbone and one-step read-out."""
+"""The methods the evaluation compares, each a function from one degraded image (H×W×3 uint8) and its true
+degradation (``noise``, ``noise+blur``) to the restored image, all through the restorer's one path.
+
+UIR-LoRA is ``UniversalRestorer.restore`` exactly as ``uir restore`` runs it (settings, unknown-degradation
+fallback included), plus its variants: each composition under the configured policy, and the paper's
+top-K weight-space mix. A baseline is data: every ``models/baselines/<name>/`` folder with a
+``restoration.json`` (``kind``: ``unet`` for a full UNet2DModel, ``lora`` for a PEFT adapter on the
+backbone; ``t_star``; ``label``) is evaluated, so adding one takes its stage, its params and its
+``dvc.yaml`` entry.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from peft import PeftModel
 
-from pipeline.files import read_json
-from pipeline.models.adapters import read_restoration_settings
-from pipeline.models.backbone import OneStepReadout, downsample_factor, load_backbone
-from pipeline.models.composition import AdapterComposition
-from pipeline.models.router import DegradationRouter
+from pipeline.models.backbone import OneStepReadout, load_backbone
+from pipeline.models.folder import BASELINE_KINDS, ModelsFolder
+from pipeline.models.restorer import RestorationSettings, UniversalRestorer, from_float, restore_tiled, to_float
 
-Restore = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
-
-
-def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad the bottom and right so both sides are multiples of ``multiple``."""
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
-    return images, (h, w)
+Restore = Callable[[np.ndarray, str], np.ndarray]
 
 
 @dataclass
-class Models:
-    """Everything a models folder holds, loaded once."""
+class Method:
+    name: str  # stable: metric names are built from it
+    label: str  # for tables and charts
+    restore: Restore
 
-    composition: AdapterComposition
-    router: DegradationRouter
-    multitask: torch.nn.Module
-    multitask_t_star: int
-    shared: torch.nn.Module
-    shared_t_star: int
-    readout: OneStepReadout
-    multiple: int
 
-    @classmethod
-    def load(cls, models: str | Path, degradations: Sequence[str]) -> "Models":
-        models = Path(models)
-        composition = AdapterComposition.from_pretrained(models / "backbone",
-                                                         {d: models / "loras" / d for d in degradations})
-        router = DegradationRouter.from_pretrained(models / "router")
-        router.check_adapters(composition.names)
-        multitask, scheduler = load_backbone(models / "multitask")
-        shared_base, _ = load_backbone(models / "backbone")
-        # merged into the weights: the same function as the adapter, at the bare backbone's cost
-        shared = PeftModel.from_pretrained(shared_base, str(models / "shared_lora")).merge_and_unload().eval()
-        return cls(
-            composition=composition, router=router, multitask=multitask,
-            multitask_t_star=int(read_json(models / "multitask" / "restoration.json", "train_multitask")["t_star"]),
-            shared=shared, shared_t_star=int(read_restoration_settings(models / "shared_lora")["t_star"]),
-            readout=OneStepReadout(scheduler), multiple=downsample_factor(multitask),
-        )
+def oracle_weights(truth: str) -> dict[str, float]:
+    """The true adapter, or equal weights over a mix's components."""
+    components = truth.split("+")
+    return {name: 1.0 / len(components) for name in components}
 
-    def methods(self, top_k: int) -> dict[str, Restore]:
-        """The compared methods, in report order."""
-        n = len(self.composition.names)
 
-        def oracle(lq: torch.Tensor, truths: Sequence[str]) -> torch.Tensor:
-            weights = torch.zeros(lq.shape[0], n)
-            for row, truth in enumerate(truths):
-                components = truth.split("+")
-                for name in components:
-                    weights[row, self.composition.names.index(name)] = 1.0 / len(components)
-            return self.composition.restore(lq, weights)
+def baseline_method(folder: ModelsFolder, name: str, multiple: int, device: str = "cpu") -> Method:
+    """A compared network at its fixed timestep, restored like every other method (``restore_tiled``)."""
+    from peft import PeftModel
 
-        def routed(k: int) -> Restore:
-            def restore(lq: torch.Tensor, truths: Sequence[str]) -> torch.Tensor:
-                routing = self.router.route(lq, top_k=k)
-                return self.composition.restore(lq, routing.weights)
+    path = folder.baseline(name)
+    settings = ModelsFolder.read_settings(path, f"train_{name}")
+    if settings.get("kind") not in BASELINE_KINDS:
+        raise ValueError(f"{path}: restoration.json kind must be one of {BASELINE_KINDS}, got {settings.get('kind')!r}")
+    if settings["kind"] == "unet":
+        network, scheduler = load_backbone(path)
+    else:  # merged into the weights: the same function as the adapter, at the bare backbone's cost
+        base, scheduler = load_backbone(folder.backbone)
+        network = PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+    network.to(device)
+    readout = OneStepReadout(scheduler).to(device)
+    t_star = int(settings["t_star"])
 
-            return restore
+    def restore(image: np.ndarray, truth: str) -> np.ndarray:
+        x, back = to_float(image)
+        run = lambda y: readout(network, y, torch.full((y.shape[0],), t_star, device=y.device))  # noqa: E731
+        return from_float(restore_tiled(run, x, multiple, device=device), back)
 
-        def fixed_t(network: torch.nn.Module, t_star: int) -> Restore:
-            return lambda lq, truths: self.readout(network, lq, torch.full((lq.shape[0],), t_star))
+    return Method(name, settings.get("label", name), restore)
 
-        return {
-            "input": lambda lq, truths: lq,
-            "oracle_lora": oracle,
-            "uir_lora": routed(top_k),
-            "uir_lora_top1": routed(1),
-            "multitask": fixed_t(self.multitask, self.multitask_t_star),
-            "shared_lora": fixed_t(self.shared, self.shared_t_star),
-        }
 
-    @torch.no_grad()
-    def run(self, method: Restore, lq: torch.Tensor, truths: Sequence[str]) -> torch.Tensor:
-        """``method`` on a batch of any size: padded to the UNet's multiple, cropped back, clamped."""
-        padded, (h, w) = pad_to_multiple(lq, self.multiple)
-        return method(padded, truths)[..., :h, :w].clamp(-1, 1)
-
+def load_methods(models: str | Path, settings: RestorationSettings, device: str = "cpu") -> tuple[list[Method], UniversalRestorer]:
+    """Every compared method, in report order, and the UIR-LoRA restorer they share."""
+    folder = ModelsFolder(models)
+    restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device)
+    variants = {name: restorer.with_settings(composition=name) for name in ("sequential", "weights")}
+    paper = restorer.with_settings(policy="topk", composition="weights")
+    methods = [
+        Method("input", "degraded input", lambda image, truth: image),
+        Method("oracle_lora", "oracle LoRA (true adapters)", lambda image, truth: restorer.restore(image, weights=oracle_weights(truth))),
+        Method("uir_lora", f"**UIR-LoRA** ({settings.policy}, {settings.composition}) = `uir restore`",
+               lambda image, truth: restorer.restore(image)),
+        *[Method(f"uir_lora_{name}", f"UIR-LoRA, {settings.policy} routing, {name} mixing",
+                 lambda image, truth, r=variant: r.restore(image)) for name, variant in variants.items()],
+        Method("uir_lora_paper", f"UIR-LoRA as in the paper (top-{settings.top_k}, weight-space mixing)",
+               lambda image, truth: paper.restore(image)),
+    ]
+    methods += [baseline_method(folder, name, restorer.multiple, device) for name in folder.baseline_names()]
+    return methods, restorer

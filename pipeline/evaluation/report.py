@@ -1,4 +1,4 @@
-"""Per-image results to metrics, CSV tables, PNG charts and sample grids."""
+"""Per-image results to metrics, the headline figures, CSV tables, PNG charts and labelled sample grids."""
 
 from __future__ import annotations
 
@@ -23,6 +23,35 @@ def mean_table(rows: list[dict], kind: str, methods: Sequence[str]) -> dict[str,
             means = np.array([np.mean(v, axis=0) for v in per_set.values()])
             table[method] = {"psnr": float(means[:, 0].mean()), "ssim": float(means[:, 1].mean())}
     return table
+
+
+def headline(metrics: dict) -> dict[str, float | None]:
+    """The few numbers experiments are compared on (``dvc metrics show`` fits 100 columns): UIR-LoRA as
+    shipped, the multi-task baseline and the oracle on single and mixed sets, and the router."""
+
+    def psnr(kind: str, method: str) -> float | None:
+        value = metrics[kind].get(method)
+        return round(value["psnr"], 3) if value else None
+
+    return {"uir_single": psnr("single", "uir_lora"), "mt_single": psnr("single", "multitask"),
+            "oracle_single": psnr("single", "oracle_lora"), "uir_mixed": psnr("mixed", "uir_lora"),
+            "mt_mixed": psnr("mixed", "multitask"), "top1_acc": round(metrics["router"]["top1_accuracy"], 4),
+            "mix_recall": None if metrics["router"]["mix_recall"] is None else round(metrics["router"]["mix_recall"], 4)}
+
+
+def sample_grid(rows: list[list[np.ndarray]], header: Sequence[str], band: int = 20) -> np.ndarray:
+    """Same-size H×W×3 uint8 images in rows, under a white band naming each column."""
+    import cv2
+
+    h, w, c = rows[0][0].shape
+    grid = np.zeros((band + len(rows) * h, len(header) * w, c), dtype=np.uint8)
+    grid[:band] = 255
+    for col, title in enumerate(header):
+        cv2.putText(grid, title, (col * w + 4, band - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    for r, images in enumerate(rows):
+        for col, image in enumerate(images):
+            grid[band + r * h : band + (r + 1) * h, col * w : (col + 1) * w] = image
+    return grid
 
 
 def per_set_table(rows: list[dict], kind: str, methods: Sequence[str], metric: str) -> list[dict]:
@@ -51,18 +80,20 @@ def psnr_chart(path: str | Path, single: list[dict], mixed: list[dict], methods:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [len(single), len(mixed)]})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [len(single), len(mixed)]})
     for ax, table, title in ((axes[0], single, "single degradations"), (axes[1], mixed, "mixed degradations")):
         x = np.arange(len(table))
         width = 0.8 / len(methods)
+        values = [r[m] for r in table for m in methods]
         for i, method in enumerate(methods):
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, [r[method] for r in table], width, label=method)
+        ax.set_ylim(np.floor(min(values)) - 1, np.ceil(max(values)) + 0.5)  # 1 dB gaps stay visible
         ax.set_xticks(x, [r["set"] for r in table], rotation=20)
         ax.set_ylabel("PSNR (dB)")
         ax.set_title(f"Test PSNR, {title}")
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=min(len(methods), 5))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

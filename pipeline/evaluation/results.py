@@ -15,14 +15,6 @@ from pipeline.config import load_params
 from pipeline.files import atomic_path, read_json
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-LABELS = {
-    "input": "degraded input",
-    "oracle_lora": "oracle LoRA (true adapter / equal mix)",
-    "uir_lora": "**UIR-LoRA** (router, top-K)",
-    "uir_lora_top1": "UIR-LoRA, top-1",
-    "multitask": "multi-task baseline (full fine-tune)",
-    "shared_lora": "shared LoRA (rank N·r)",
-}
 
 
 def results_markdown(metrics: dict, params, sample: str) -> str:
@@ -34,17 +26,19 @@ def results_markdown(metrics: dict, params, sample: str) -> str:
         "| method | single PSNR | single SSIM | mixed PSNR | mixed SSIM |",
         "|---|---|---|---|---|",
     ]
-    for method, label in LABELS.items():
+    for method, label in metrics["labels"].items():
         s, m = metrics["single"].get(method), metrics["mixed"].get(method)
         if s and m:
             lines.append(f"| {label} | {s['psnr']:.2f} | {s['ssim']:.3f} | {m['psnr']:.2f} | {m['ssim']:.3f} |")
-    router = metrics["router"]
-    recall_key = next(k for k in router if k.endswith("_recall_mixed"))
+    router, used = metrics["router"], metrics["restoration"]
     lines += [
         "",
-        f"Router: top-1 accuracy {router['top1_accuracy']:.3f} on the single test sets; "
-        f"{recall_key.split('_')[0]} recall of the true components {router[recall_key]:.3f} on the mixed sets; "
-        f"{100 * router['unknown_rate']:.1f}% of test images flagged unknown.",
+        f"Router: top-1 accuracy {router['top1_accuracy']:.3f} on the single test sets; recall of the true "
+        f"components among its top-|mix| adapters {router['mix_recall']:.3f} on the mixed sets. The `{used['policy']}` "
+        f"policy (mix threshold {used['mix_threshold_used']:.2f}) gave two or more adapters to "
+        f"{100 * router['single_given_two_or_more']:.1f}% of single and {100 * router['mixed_given_two_or_more']:.1f}% "
+        f"of mixed test images; {100 * router['unknown_rate']:.1f}% were flagged unknown and "
+        + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored anyway (`unknown: route`)."),
         "",
         f"![degraded, multi-task, UIR-LoRA, clean](docs/{Path(sample).name})",
         "",

@@ -16,9 +16,7 @@ from diffusers import UNet2DModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from pipeline.files import write_json
-
-RESTORATION_FILE = "restoration.json"
+from pipeline.models.folder import RESTORATION_FILE, ModelsFolder
 
 
 def lora_config(settings: Mapping[str, Any]) -> LoraConfig:
@@ -53,7 +51,7 @@ def save_adapter(model: PeftModel, path: str | Path, degradation: str, t_star: i
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_json(path / RESTORATION_FILE, {"degradation": degradation, "t_star": int(t_star)})
+    ModelsFolder.write_settings(path, degradation=degradation, t_star=int(t_star))
 
 
 def read_restoration_settings(path: str | Path) -> dict[str, Any]:

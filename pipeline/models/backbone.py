@@ -100,12 +100,17 @@ class OneStepReadout(torch.nn.Module):
         """The timestep whose noise level ``k`` is closest to ``sigma`` (on the [-1, 1] scale)."""
         return int(torch.argmin((self.k - sigma).abs()))
 
+    def noisy_sample(self, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network sees: ``x_t = sqrt(ᾱ_t) · y``."""
+        return self.sqrt_alpha_bar[timesteps].view(-1, 1, 1, 1) * y
+
+    def x0(self, y: torch.Tensor, timesteps: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+        """The x0-prediction ``y − k_t · ε̂``."""
+        return y - self.k[timesteps].view(-1, 1, 1, 1) * epsilon
+
     def forward(self, unet: torch.nn.Module, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Restore ``y`` (B×3×H×W on [-1, 1]) at per-sample ``timesteps`` (B, long)."""
-        shape = (-1, 1, 1, 1)
-        x_t = self.sqrt_alpha_bar[timesteps].view(shape) * y
-        epsilon = unet(x_t, timesteps).sample
-        return y - self.k[timesteps].view(shape) * epsilon
+        """Restore ``y`` (B×3×H×W on [-1, 1]) with a ``UNet2DModel`` at per-sample ``timesteps`` (B, long)."""
+        return self.x0(y, timesteps, unet(self.noisy_sample(y, timesteps), timesteps).sample)
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:

@@ -11,6 +11,7 @@ number of adapters composed.
 
 from __future__ import annotations
 
+import math
 import types
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -85,8 +86,8 @@ class AdapterComposition(torch.nn.Module):
 
         return forward
 
-    def unet(self, x_t: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The composed UNet's noise prediction; ``weights`` is (B, N), or (N,) for every sample alike."""
+    def epsilon(self, x_t: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The composed UNet's noise prediction ε̂; ``weights`` is (B, N), or (N,) for every sample alike."""
         weights = self._check(weights, x_t.shape[0])
         if weights.ndim == 2 and bool((weights == weights[:1]).all()):
             weights = weights[0]
@@ -111,8 +112,7 @@ class AdapterComposition(torch.nn.Module):
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
         timesteps = self.timesteps(per_sample)
-        unet = lambda x_t, t: _Sample(self.unet(x_t, t, weights))  # noqa: E731
-        return self.readout(unet, y, timesteps)
+        return self.readout.x0(y, timesteps, self.epsilon(self.readout.noisy_sample(y, timesteps), timesteps, weights))
 
     def _check(self, weights: torch.Tensor, batch: int) -> torch.Tensor:
         weights = torch.as_tensor(weights, dtype=torch.float32)
@@ -123,10 +123,12 @@ class AdapterComposition(torch.nn.Module):
         return weights
 
     def weights_for(self, mix: Mapping[str, float]) -> torch.Tensor:
-        """A weight vector from ``{degradation: weight}``; unknown names are an error."""
+        """A weight vector from ``{degradation: weight}``; unknown names, negative or non-finite weights and
+        an all-zero mix are errors."""
         unknown = sorted(set(mix) - set(self.names))
         if unknown:
             raise KeyError(f"no adapter for {unknown}; loaded: {self.names}")
+        check_mix(mix)
         return torch.tensor([float(mix.get(n, 0.0)) for n in self.names])
 
 
@@ -151,8 +153,10 @@ def _apply_per_sample(base: torch.nn.Module, x: torch.Tensor, weights: torch.Ten
     return out if base.bias is None else out + base.bias
 
 
-class _Sample:
-    """The ``.sample`` attribute that diffusers' UNet outputs carry, for ``OneStepReadout``."""
-
-    def __init__(self, sample: torch.Tensor):
-        self.sample = sample
+def check_mix(mix: Mapping[str, float]) -> None:
+    """Adapter weights must be finite, non-negative and not all zero (``ValueError`` naming the bad one)."""
+    for name, weight in mix.items():
+        if not math.isfinite(float(weight)) or float(weight) < 0:
+            raise ValueError(f"adapter weight {name}={weight} must be a finite number >= 0")
+    if not mix or sum(float(w) for w in mix.values()) <= 0:
+        raise ValueError(f"an adapter mix needs a positive weight, got {dict(mix)}")

@@ -1,54 +1,101 @@
-"""``UniversalRestorer``: backbone + LoRA adapters + router, for images as people have them.
+"""``UniversalRestorer``: backbone + LoRA adapters + router, for images as people have them — and the one
+restoration path of the project: ``uir restore``, ``evaluate``, the benchmarks and the tests all restore
+through ``restore_tiled`` (UIR-LoRA and its variants through ``UniversalRestorer.restore``).
 
 Any size: padded to the UNet's multiple; large images restored in overlapping tiles blended with a
-linear ramp, so memory stays bounded. Grayscale comes back grayscale, RGBA keeps its alpha untouched,
-16-bit stays 16-bit (processed in float). NumPy arrays, PIL images and tensors come back as the kind
-they went in.
+linear ramp, so memory stays bounded. Grayscale comes back grayscale (with its alpha, if any), RGBA keeps
+its alpha untouched, 16-bit stays 16-bit (processed in float). NumPy arrays, PIL images and tensors come
+back as the kind and shape they went in.
+
+How UIR-LoRA restores an image (``RestorationSettings``): the router's probabilities become adapter
+weights by a policy (``gated`` by default: one adapter, two only for a detected mix); a mix is restored
+``sequential``-ly — each adapter alone at its own ``t*``, undoing the last-applied degradation first — or
+by the paper's ``weights``-space composition at the weight-averaged ``t*``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pipeline.evaluation.methods import pad_to_multiple
 from pipeline.models.composition import AdapterComposition
-from pipeline.models.router import DegradationRouter, top_k_weights
+from pipeline.models.folder import ModelsFolder
+from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
 
 MIN_SIDE = 16
+COMPOSITIONS = ("sequential", "weights")
+UNKNOWN = ("identity", "route")
+
+Network = Callable[[torch.Tensor], torch.Tensor]  # B×3×H×W on [-1, 1] -> the same
 
 
-class ModelsFolderError(FileNotFoundError):
-    """A models folder that lacks what restoration needs; the message names the DVC stage to run."""
+@dataclass(frozen=True)
+class RestorationSettings:
+    """How UIR-LoRA turns the router's opinion into a restoration (``restoration`` in params.yaml).
+
+    Args:
+        policy: ``top1``, ``gated`` (a second adapter only when its probability reaches the mix threshold)
+            or ``topk`` (the paper's: the ``top_k`` most probable, renormalised).
+        top_k: adapters kept by ``topk``, and at most by ``gated``.
+        mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
+        composition: ``sequential`` or ``weights``.
+        unknown: an unrecognised degradation is left as it is (``identity``) or routed anyway (``route``).
+        undo_order: the order in which ``sequential`` applies adapters (the reverse of image formation:
+            compression is undone first, the scene last); adapters not listed come after, by name.
+    """
+
+    policy: str = "gated"
+    top_k: int = 2
+    mix_threshold: float | None = None
+    composition: str = "sequential"
+    unknown: str = "identity"
+    undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
+
+    def __post_init__(self):
+        checks = [(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"),
+                  (isinstance(self.top_k, int) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k!r}"),
+                  (self.mix_threshold is None or 0 <= self.mix_threshold <= 1,
+                   f"mix_threshold must be in [0, 1], got {self.mix_threshold!r}"),
+                  (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
+                  (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        object.__setattr__(self, "undo_order", tuple(self.undo_order))
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], **overrides: Any) -> "RestorationSettings":
+        """From ``params.restoration`` (its keys are exactly this class's fields), with ``overrides``."""
+        values = {f.name: section[f.name] for f in fields(cls) if f.name in section}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "undo_order" in values:
+            values["undo_order"] = tuple(values["undo_order"])
+        return cls(**values)
 
 
 @dataclass
 class Analysis:
-    """What the router says of one image."""
+    """What the router says of one image, and what the settings make of it."""
 
-    weights: dict[str, float]  # top-K, renormalised
+    weights: dict[str, float]  # the adapters to apply, summing to one
+    probabilities: dict[str, float]  # softmax over every adapter
     similarity: dict[str, float]  # cosine similarity to each degradation's prototype
     unknown: bool  # best similarity below the calibrated threshold
+    steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
 
 
-def check_models_folder(models: Path) -> list[str]:
-    """The adapter names the router was fitted for; a clear error naming the stage for anything missing."""
-    needs = [
-        (models / "backbone" / "config.json", "pretrain_backbone"),
-        (models / "router" / "config.json", "fit_router"),
-    ]
-    for path, stage in needs:
-        if not path.is_file():
-            raise ModelsFolderError(f"{path} is missing: run `dvc repro {stage}` (models folder {models})")
-    names = DegradationRouter.from_pretrained(models / "router").names
-    for name in names:
-        if not (models / "loras" / name / "adapter_model.safetensors").is_file():
-            raise ModelsFolderError(f"{models / 'loras' / name} is missing: run `dvc repro train_lora@{name}`")
-    return names
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad the bottom and right so both sides are multiples of ``multiple``."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+    return images, (h, w)
 
 
 def _ramp(size: int, overlap: int) -> torch.Tensor:
@@ -65,114 +112,151 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
     step = tile - overlap
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    return sorted(set(starts))
+    return sorted(set(list(range(0, length - tile, step)) + [length - tile]))
+
+
+def tile_count(height: int, width: int, tile: int, overlap: int, multiple: int) -> int:
+    ph, pw = height + (-height % multiple), width + (-width % multiple)
+    return len(_starts(ph, min(tile, ph), overlap)) * len(_starts(pw, min(tile, pw), overlap))
+
+
+@torch.no_grad()
+def restore_tiled(network: Network, x: torch.Tensor, multiple: int, tile: int = 256, overlap: int = 32,
+                  batch_size: int = 4, device: torch.device | str = "cpu",
+                  on_tile: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Restore ``x`` (3×H×W on [0, 1]) with ``network``: padded to ``multiple``, in ``tile``² tiles blended
+    with linear ramps over ``overlap`` pixels when larger than a tile. ``on_tile(n)`` after each ``n`` tiles."""
+    y = x * 2 - 1
+    _, h, w = y.shape
+    padded = pad_to_multiple(y[None], multiple)[0][0]
+    ph, pw = padded.shape[-2:]
+    tile_h, tile_w = min(tile, ph), min(tile, pw)
+    boxes = [(t, l) for t in _starts(ph, tile_h, overlap) for l in _starts(pw, tile_w, overlap)]
+    ramp = overlap if len(boxes) > 1 else 0
+    window = _ramp(tile_h, ramp)[:, None] * _ramp(tile_w, ramp)[None, :]
+    out = torch.zeros_like(padded)
+    norm = torch.zeros(1, ph, pw)
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        batch = torch.stack([padded[:, t : t + tile_h, l : l + tile_w] for t, l in chunk]).to(device)
+        restored = network(batch).clamp(-1, 1).float().cpu()
+        for (t, l), part in zip(chunk, restored):
+            out[:, t : t + tile_h, l : l + tile_w] += part * window
+            norm[:, t : t + tile_h, l : l + tile_w] += window
+        if on_tile is not None:
+            on_tile(len(chunk))
+    return ((out / norm)[:, :h, :w] + 1) / 2
+
+
+# --- images as people have them <-> 3×H×W float on [0, 1] ---------------------------------------------
+
+def to_float(image: Any) -> tuple[torch.Tensor, Any]:
+    """(3×H×W float on [0, 1], how to convert back) for a NumPy array (H×W or H×W×C, C = 1-4, uint8,
+    uint16 or float on [0, 1]), a PIL image or a C×H×W float tensor."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        mode = image.mode
+        array = np.asarray(image.convert("RGBA") if mode == "P" else image)
+        tensor, back = to_float(array)
+        return tensor, ("pil", mode, back)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 2, 3, 4) or not image.is_floating_point():
+            raise ValueError("a tensor image must be C×H×W float on [0, 1] with C = 1, 2, 3 or 4")
+        tensor, back = to_float(image.detach().cpu().permute(1, 2, 0).numpy())
+        return tensor, ("tensor", image.dtype, back)
+    array = np.asarray(image)
+    flat = array.ndim == 2
+    if flat:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an H×W or H×W×C image with C = 1, 2, 3 or 4, got shape {array.shape}")
+    if array.dtype in (np.uint8, np.uint16):
+        scale = float(np.iinfo(array.dtype).max)
+    elif array.dtype.kind == "f":
+        scale = 1.0
+    else:
+        raise ValueError(f"unsupported image dtype {array.dtype}")
+    h, w, c = array.shape
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"image is {w}x{h}: too small for the network (at least {MIN_SIDE}x{MIN_SIDE})")
+    colour = 1 if c in (1, 2) else 3
+    rgb = np.repeat(array[..., :1], 3, axis=2) if colour == 1 else array[..., :3]
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32) / scale).permute(2, 0, 1)
+    alpha = array[..., colour:] if c in (2, 4) else None
+    return tensor.clamp(0, 1), ("array", array.dtype, scale, colour, alpha, flat)
+
+
+def from_float(restored: torch.Tensor, back: Any) -> Any:
+    """The inverse of ``to_float``: the same kind, shape, mode and dtype as the input."""
+    from PIL import Image
+
+    if back[0] == "pil":
+        _, mode, inner = back
+        array = from_float(restored, inner)
+        if mode == "P":
+            return Image.fromarray(array, "RGBA").convert("P")
+        return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array, mode)
+    if back[0] == "tensor":
+        _, dtype, inner = back
+        return torch.from_numpy(np.ascontiguousarray(from_float(restored, inner))).permute(2, 0, 1).to(dtype)
+    _, dtype, scale, colour, alpha, flat = back
+    rgb = restored.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    out = rgb.mean(axis=2, keepdims=True) if colour == 1 else rgb
+    out = np.round(out * scale).astype(dtype) if dtype.kind == "u" else out.astype(dtype)
+    if alpha is not None:
+        out = np.concatenate([out, alpha], axis=2)
+    return out[..., 0] if flat else out
 
 
 class UniversalRestorer:
-    """Restore images with the router's top-K composition of LoRAs, or a forced adapter mix.
+    """Restore images with the router's choice of LoRAs (``settings``), or a forced adapter mix.
 
     Args:
         composition: the adapters on the frozen backbone.
-        router: fitted for exactly the composition's adapters.
-        top_k: adapters kept per image (default: the router's K).
+        router: fitted for exactly the composition's adapters; None restores forced mixes only.
+        settings: how routing becomes restoration (policy, composition, unknown degradations).
         tile, overlap: tile side and overlap in pixels for images larger than ``tile``.
         batch_size: tiles restored at once.
-        unknown: what to do when the router does not recognise the degradation: ``"identity"``
-            returns the input unchanged, ``"route"`` uses the router's top-K anyway.
     """
 
-    def __init__(self, composition: AdapterComposition, router: DegradationRouter, top_k: int | None = None,
-                 tile: int = 256, overlap: int = 32, batch_size: int = 4, device: str = "cpu",
-                 unknown: str = "identity"):
-        router.check_adapters(composition.names)
-        if unknown not in ("identity", "route"):
-            raise ValueError(f"unknown must be 'identity' or 'route', got {unknown!r}")
+    def __init__(self, composition: AdapterComposition, router: DegradationRouter | None = None,
+                 settings: RestorationSettings | None = None, tile: int = 256, overlap: int = 32,
+                 batch_size: int = 4, device: str = "cpu"):
+        if router is not None:
+            router.check_adapters(composition.names)
         self.multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
         if tile < MIN_SIDE or tile % self.multiple or not 0 <= overlap < tile // 2:
             raise ValueError(f"tile must be a multiple of {self.multiple} (>= {MIN_SIDE}) and overlap in [0, tile/2)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.composition = composition.to(self.device)
-        self.router = router.to(self.device)
-        self.top_k = top_k or router.config.top_k
+        self.router = router.to(self.device) if router is not None else None
+        self.settings = settings or RestorationSettings()
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.unknown = unknown
 
     @classmethod
-    def from_pretrained(cls, models: str | Path = "models", **kwargs: Any) -> "UniversalRestorer":
-        """Load ``models/{backbone,loras/<d>,router}`` as the DVC pipeline writes them."""
-        models = Path(models)
-        names = check_models_folder(models)
-        composition = AdapterComposition.from_pretrained(models / "backbone", {n: models / "loras" / n for n in names})
-        return cls(composition, DegradationRouter.from_pretrained(models / "router"), **kwargs)
+    def from_pretrained(cls, models: str | Path = "models", router: bool = True, **kwargs: Any) -> "UniversalRestorer":
+        """Load a models folder as the DVC pipeline writes it; ``router=False`` loads every adapter present and
+        no router (forced mixes only)."""
+        folder = ModelsFolder(models)
+        names = folder.check(router=router)
+        composition = AdapterComposition.from_pretrained(folder.backbone, {n: folder.lora(n) for n in names})
+        return cls(composition, DegradationRouter.from_pretrained(folder.router) if router else None, **kwargs)
 
     @property
     def names(self) -> list[str]:
         return self.composition.names
 
-    # --- conversions -------------------------------------------------------------------------
+    def with_settings(self, **changes: Any) -> "UniversalRestorer":
+        """The same models under other settings (nothing is loaded again)."""
+        other = object.__new__(UniversalRestorer)
+        other.__dict__.update(self.__dict__)
+        other.settings = RestorationSettings(**{**self.settings.__dict__, **changes})
+        return other
 
-    @staticmethod
-    def _to_float(image: Any) -> tuple[torch.Tensor, Any]:
-        """(3×H×W float on [0, 1], how to convert back)."""
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            mode = image.mode
-            array = np.asarray(image.convert("RGBA") if mode in ("P", "LA") else image)
-            tensor, back = UniversalRestorer._to_float(array)
-            return tensor, ("pil", mode, back)
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] not in (1, 3, 4) or not image.is_floating_point():
-                raise ValueError("a tensor image must be C×H×W float on [0, 1] with C = 1, 3 or 4")
-            array = image.detach().cpu().permute(1, 2, 0).numpy()
-            tensor, back = UniversalRestorer._to_float(array)
-            return tensor, ("tensor", image.dtype, back)
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an H×W, H×W×1, H×W×3 or H×W×4 image, got shape {array.shape}")
-        if array.dtype == np.uint8 or array.dtype == np.uint16:
-            scale = float(np.iinfo(array.dtype).max)
-        elif array.dtype.kind == "f":
-            scale = 1.0
-        else:
-            raise ValueError(f"unsupported image dtype {array.dtype}")
-        h, w, c = array.shape
-        if min(h, w) < MIN_SIDE:
-            raise ValueError(f"image is {w}x{h}: too small for the network (at least {MIN_SIDE}x{MIN_SIDE})")
-        rgb = np.repeat(array[..., :1], 3, axis=2) if c == 1 else array[..., :3]
-        tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32) / scale).permute(2, 0, 1)
-        alpha = array[..., 3:] if c == 4 else None
-        return tensor.clamp(0, 1), ("array", array.dtype, scale, c, alpha)
-
-    @staticmethod
-    def _from_float(restored: torch.Tensor, back: Any) -> Any:
-        from PIL import Image
-
-        if back[0] == "pil":
-            _, mode, inner = back
-            array = UniversalRestorer._from_float(restored, inner)
-            if mode in ("P", "LA"):
-                return Image.fromarray(array, "RGBA").convert(mode)
-            return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array, mode)
-        if back[0] == "tensor":
-            _, dtype, inner = back
-            array = UniversalRestorer._from_float(restored, inner)
-            return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(dtype)
-        _, dtype, scale, channels, alpha = back
-        rgb = restored.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        out = rgb.mean(axis=2, keepdims=True) if channels == 1 else rgb
-        if dtype.kind == "u":
-            out = np.round(out * scale).astype(dtype)
-        else:
-            out = out.astype(dtype)
-        if alpha is not None:
-            out = np.concatenate([out, alpha], axis=2)
-        return out
-
-    # --- routing and restoration ---------------------------------------------------------------
+    # --- routing ----------------------------------------------------------------------------------------
 
     def _route_crops(self, x: torch.Tensor) -> torch.Tensor:
         """Up to four ``tile``² crops (the image itself when smaller): routing sees full-resolution pixels."""
@@ -185,58 +269,66 @@ class UniversalRestorer:
         return torch.stack([x[:, t : t + size_h, l : l + size_w] for t in tops for l in lefts])
 
     @torch.no_grad()
-    def _analyse(self, x: torch.Tensor, top_k: int) -> Analysis:
-        crops = self._route_crops(x * 2 - 1).to(self.device)
-        similarity = self.router.similarity(crops).mean(dim=0, keepdim=True)
-        weights = top_k_weights(similarity / self.router.config.temperature, top_k)[0]
-        unknown = bool(similarity.max() < self.router.config.threshold)
-        return Analysis(
-            weights={n: float(w) for n, w in zip(self.names, weights) if w > 0},
-            similarity={n: float(s) for n, s in zip(self.names, similarity[0])},
-            unknown=unknown,
-        )
+    def _analyse(self, x: torch.Tensor) -> Analysis:
+        if self.router is None:
+            raise ValueError("no router loaded: force an adapter (--lora / --mix, or weights=...)")
+        similarity = self.router.similarity(self._route_crops(x * 2 - 1).to(self.device)).mean(dim=0, keepdim=True)
+        routing = self.router.routing(similarity)
+        settings = self.settings
+        threshold = self.router.config.mix_threshold if settings.mix_threshold is None else settings.mix_threshold
+        weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold)[0]
+        chosen = {n: float(w) for n, w in zip(self.names, weights) if w > 0}
+        return Analysis(weights=chosen,
+                        probabilities={n: float(p) for n, p in zip(self.names, routing.probabilities[0])},
+                        similarity={n: float(s) for n, s in zip(self.names, similarity[0])},
+                        unknown=bool(routing.unknown[0]), steps=self.steps(chosen))
 
-    def analyse(self, image: Any, top_k: int | None = None) -> Analysis:
-        x, _ = self._to_float(image)
-        return self._analyse(x, top_k or self.top_k)
+    def analyse(self, image: Any) -> Analysis:
+        """What the router says of ``image`` and which adapters ``restore`` will apply, in order."""
+        return self._analyse(to_float(image)[0])
 
-    def route(self, image: Any, top_k: int | None = None) -> dict[str, float]:
-        """The router's weights by degradation name (top-K, summing to one)."""
-        return self.analyse(image, top_k).weights
+    def route(self, image: Any) -> dict[str, float]:
+        """The adapter weights by degradation name (summing to one)."""
+        return self.analyse(image).weights
 
-    @torch.no_grad()
-    def _restore_tensor(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Restore 3×H×W on [0, 1] with one weight vector, tiled when larger than a tile."""
-        y = x * 2 - 1
-        _, h, w = y.shape
-        padded, _ = pad_to_multiple(y[None], self.multiple)
-        padded = padded[0]
-        ph, pw = padded.shape[-2:]
-        tile_h, tile_w = min(self.tile, ph), min(self.tile, pw)
-        boxes = [(t, l) for t in _starts(ph, tile_h, self.overlap) for l in _starts(pw, tile_w, self.overlap)]
-        out = torch.zeros_like(padded)
-        norm = torch.zeros(1, ph, pw)
-        window = _ramp(tile_h, self.overlap if len(boxes) > 1 else 0)[:, None] * \
-            _ramp(tile_w, self.overlap if len(boxes) > 1 else 0)[None, :]
-        for start in range(0, len(boxes), self.batch_size):
-            chunk = boxes[start : start + self.batch_size]
-            batch = torch.stack([padded[:, t : t + tile_h, l : l + tile_w] for t, l in chunk]).to(self.device)
-            restored = self.composition.restore(batch, weights.to(self.device)).clamp(-1, 1).cpu()
-            for (t, l), tile in zip(chunk, restored):
-                out[:, t : t + tile_h, l : l + tile_w] += tile * window
-                norm[:, t : t + tile_h, l : l + tile_w] += window
-        return ((out / norm)[:, :h, :w] + 1) / 2
+    # --- restoration ------------------------------------------------------------------------------------
 
-    def restore(self, image: Any, weights: Mapping[str, float] | None = None, top_k: int | None = None) -> Any:
+    def steps(self, weights: Mapping[str, float]) -> list[dict[str, float]]:
+        """The adapter mixes applied one after another: one step with the weights (``weights`` composition or a
+        single adapter), or each adapter alone in ``undo_order`` (``sequential``)."""
+        self.composition.weights_for(weights)  # names and values checked
+        if self.settings.composition == "weights" or len(weights) == 1:
+            return [dict(weights)]
+        rank = {name: i for i, name in enumerate(self.settings.undo_order)}
+        order = sorted(weights, key=lambda n: (rank.get(n, len(rank)), n))
+        return [{name: 1.0} for name in order]
+
+    def restore_tensor(self, x: torch.Tensor, steps: list[dict[str, float]],
+                       on_tile: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another."""
+        for mix in steps:
+            vector = self.composition.weights_for(mix).to(self.device)
+            x = restore_tiled(lambda y: self.composition.restore(y, vector), x, self.multiple, self.tile,
+                              self.overlap, self.batch_size, self.device, on_tile)
+        return x
+
+    def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
+        """Network calls (tiles) restoring an image of ``image_shape`` (H, W, ...) takes: for progress bars."""
+        return steps * -(-tile_count(image_shape[0], image_shape[1], self.tile, self.overlap, self.multiple) // self.batch_size)
+
+    def restore(self, image: Any, weights: Mapping[str, float] | None = None, analysis: Analysis | None = None,
+                on_tile: Callable[[int], None] | None = None) -> Any:
         """Restore ``image`` (NumPy array, PIL image or C×H×W tensor on [0, 1]); returns the same kind.
 
-        ``weights`` forces an adapter mix by name (e.g. ``{"noise": 1.0}``); otherwise the router decides.
+        ``weights`` forces an adapter mix by name (e.g. ``{"noise": 1.0}``); otherwise the router decides
+        (pass the ``analysis`` of ``analyse(image)`` to route once).
         """
-        x, back = self._to_float(image)
+        x, back = to_float(image)
         if weights is None:
-            analysis = self._analyse(x, top_k or self.top_k)
-            if analysis.unknown and self.unknown == "identity":
-                return self._from_float(x, back)
-            weights = analysis.weights
-        vector = self.composition.weights_for(weights)
-        return self._from_float(self._restore_tensor(x, vector), back)
+            analysis = analysis or self._analyse(x)
+            if analysis.unknown and self.settings.unknown == "identity":
+                return from_float(x, back)
+            steps = analysis.steps
+        else:
+            steps = self.steps(weights)
+        return from_float(self.restore_tensor(x, steps, on_tile), back)

@@ -1,6 +1,9 @@
 """The degradation-aware router: an image encoder maps a degraded image to an embedding ``d``; each
 degradation has a prototype ``b_i``; similarities ``s = d̂·B̂ᵀ / τ`` (cosine over a temperature) are
-turned into weights over the trained LoRAs by keeping the top-K and renormalising.
+turned into probabilities over the trained LoRAs (a softmax), then into the adapters to apply by a
+routing policy (``select_adapters``): the paper's top-K, top-1, or ``gated`` — top-1 unless the
+second adapter's probability reaches ``mix_threshold`` (calibrated on validation singles and mixes),
+so a single degradation never gets a small slice of a strong, wrong adapter.
 
 An input whose best cosine similarity is below ``threshold`` (calibrated on validation data) is
 flagged as an unknown degradation.
@@ -29,16 +32,19 @@ class RouterConfig:
     embed_dim: int = 64
     width: int = 16
     temperature: float = 0.1
-    top_k: int = 2
     threshold: float = -1.0  # best cosine similarity below this: unknown degradation
+    mix_threshold: float = 0.5  # second-best probability at or above this: a mix (policy "gated")
     prototypes: str = "learned"  # learned | text
+
+
+POLICIES = ("top1", "gated", "topk")
 
 
 @dataclass
 class Routing:
-    """Weights (B, N) summing to one over the kept adapters, raw cosine similarities, unknown flags."""
+    """Softmax probabilities (B, N), raw cosine similarities (B, N), unknown flags (B,)."""
 
-    weights: torch.Tensor
+    probabilities: torch.Tensor
     similarity: torch.Tensor
     unknown: torch.Tensor
 
@@ -70,12 +76,27 @@ def top_k_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     Ties keep the lower index (a stable sort), so routing is deterministic; ``k >= N`` keeps all.
     """
-    if k < 1:
-        raise ValueError(f"top-K needs K >= 1, got {k}")
-    probs = logits.softmax(dim=-1)
-    k = min(k, probs.shape[-1])
-    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
-    kept = torch.zeros_like(probs).scatter(-1, order, probs.gather(-1, order))
+    return select_adapters(logits.softmax(dim=-1), "topk", k)
+
+
+def select_adapters(probabilities: torch.Tensor, policy: str, top_k: int = 2, mix_threshold: float = 0.5) -> torch.Tensor:
+    """Weights (B, N) summing to one over the adapters a routing ``policy`` keeps, from ``probabilities``.
+
+    ``topk``: the ``top_k`` most probable (the paper). ``top1``: the most probable alone. ``gated``: the
+    most probable, plus each next one (up to ``top_k`` in all) whose probability reaches ``mix_threshold``.
+    Ties keep the lower index (a stable sort), so routing is deterministic.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
+    if top_k < 1:
+        raise ValueError(f"top-K needs K >= 1, got {top_k}")
+    k = 1 if policy == "top1" else min(top_k, probabilities.shape[-1])
+    order = torch.sort(probabilities, dim=-1, descending=True, stable=True).indices[:, :k]
+    keep = torch.ones_like(order, dtype=torch.bool)
+    if policy == "gated":
+        keep = probabilities.gather(-1, order) >= mix_threshold
+        keep[:, 0] = True
+    kept = torch.zeros_like(probabilities).scatter(-1, order, probabilities.gather(-1, order) * keep)
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -118,11 +139,15 @@ class DegradationRouter(torch.nn.Module):
         return self.similarity(images) / self.config.temperature
 
     @torch.no_grad()
-    def route(self, images: torch.Tensor, top_k: int | None = None) -> Routing:
+    def route(self, images: torch.Tensor) -> Routing:
+        """What the router says of each image; ``select_adapters`` turns it into adapter weights."""
         similarity = self.similarity(images)
-        weights = top_k_weights(similarity / self.config.temperature, top_k or self.config.top_k)
+        return self.routing(similarity)
+
+    def routing(self, similarity: torch.Tensor) -> Routing:
         unknown = similarity.max(dim=-1).values < self.config.threshold
-        return Routing(weights=weights, similarity=similarity, unknown=unknown)
+        return Routing(probabilities=(similarity / self.config.temperature).softmax(dim=-1), similarity=similarity,
+                       unknown=unknown)
 
     def save_pretrained(self, path: str | Path) -> None:
         with atomic_dir(path) as tmp:

@@ -1,1 +1,5 @@
-"""One module per DVC stage; each ``main()`` reads ``params.yaml``, takes paths as arguments, writes its outputs."""
+"""One module per DVC stage, each a thin ``main()``: read ``params.yaml``, call the library, write outputs.
+
+Each ``main`` validates the params (``pipeline.config.stage_params``) before it imports the libraries it
+runs on (torch, Lightning, PEFT: seconds of imports), so a bad value is refused at once.
+"""

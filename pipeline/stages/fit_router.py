@@ -11,39 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from torch.utils.data import ConcatDataset
-
-from pipeline.config import load_params
-from pipeline.data.datasets import D4Augmented, LabelledImages, ShuffledD4Sampler, evaluation_loader, to_tensor, training_loader
-from pipeline.data.synthesis import load_clean, mixed_patches
-from pipeline.files import write_json
-from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
-from pipeline.tracking import finish, log_model_folder, make_logger
-from pipeline.training.router import RouterTraining
-from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
+from pipeline.config import stage_params
 
 STAGE = "fit_router"
-
-
-def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, size: int) -> LabelledImages | None:
-    """``count`` mixed ``size``² patches of one split's clean images, targets uniform over components."""
-    if count <= 0 or len(names) < 2:
-        return None
-    patches = mixed_patches(params.degradations, names, load_clean(clean_dir, split), size, count,
-                            params.seed + (split == "val"))
-    targets = torch.zeros(len(patches), len(names))
-    for row, (_, components) in enumerate(patches):
-        targets[row, [names.index(c) for c in components]] = 1.0 / len(components)
-    return LabelledImages([to_tensor(image) for image, _ in patches], targets)
-
-
-@torch.no_grad()
-def calibrate_threshold(router: DegradationRouter, singles: LabelledImages, quantile: float) -> float:
-    """The ``quantile`` of the best cosine similarity over validation images of known degradations."""
-    best = torch.cat([router.similarity(torch.stack(singles.images[i : i + 64])).max(-1).values
-                      for i in range(0, len(singles), 64)])
-    return float(torch.quantile(best, quantile))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", default=f"reports/{STAGE}.json")
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    from torch.utils.data import ConcatDataset
+
+    from pipeline.data.datasets import D4Augmented, LabelledImages, ShuffledD4Sampler, evaluation_loader, training_loader
+    from pipeline.files import write_json
+    from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
+    from pipeline.tracking import finish, log_model_folder, make_logger
+    from pipeline.training.router import RouterTraining, calibrate_mix_threshold, calibrate_threshold, mixed_set
+    from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
+
     seed(params)
     cfg = params.router
     names = list(params.degradations)
@@ -77,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         prototypes = text_prototypes([params.degradations[n].description for n in names])
     router = DegradationRouter(RouterConfig(
         names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
-        temperature=cfg.temperature, top_k=cfg.top_k, prototypes=cfg.prototypes), prototypes=prototypes)
+        temperature=cfg.temperature, prototypes=cfg.prototypes), prototypes=prototypes)
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)
@@ -94,9 +74,10 @@ def main(argv: list[str] | None = None) -> None:
 
     router.eval()
     router.config.threshold = calibrate_threshold(router, val_parts[0], cfg.unknown_quantile)
+    router.config.mix_threshold, mix_accuracy = calibrate_mix_threshold(router, val_parts[0], val_parts[1] if len(val_parts) > 1 else None)
     router.save_pretrained(args.out)
-    metrics.update(threshold=router.config.threshold, top_k=cfg.top_k,
-                   parameters=sum(p.numel() for p in router.parameters()))
+    metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold,
+                   mix_detection_accuracy=mix_accuracy, parameters=sum(p.numel() for p in router.parameters()))
     log_model_folder(logger, STAGE, args.out, metrics)
     logger.experiment.summary.update(metrics)
     write_json(args.metrics, metrics)

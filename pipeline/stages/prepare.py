@@ -7,14 +7,9 @@ conversions it needed; every rejected file with its reason).
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.data.sources import load_embedded, load_folder, split_by_image
-from pipeline.images import write_image
-from pipeline.files import write_json
+from pipeline.config import stage_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="data/clean", help="output folder (replaced)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    import shutil
+    import sys
+    from pipeline.data.sources import load_embedded, load_folder, split_by_image
+    from pipeline.images import write_image
+    from pipeline.files import write_json
+
     cfg = params.prepare
 
     images = load_embedded(cfg.embedded)

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import load_params
-from pipeline.data.datasets import CleanPatchDataModule, to_uint8
-from pipeline.files import atomic_dir, write_json
-from pipeline.images import tile, write_image
-from pipeline.models.backbone import build_scheduler, build_unet, count_parameters, load_backbone, save_backbone
-from pipeline.models.sampling import sample
-from pipeline.tracking import finish, log_model_folder, make_logger
-from pipeline.training.backbone import BackboneDDPM
-from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
+from pipeline.config import stage_params
 
 STAGE = "pretrain_backbone"
 
@@ -32,7 +24,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", default="reports/pretrain_backbone.json")
     parser.add_argument("--checkpoints", default="checkpoints/pretrain_backbone")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    from pipeline.data.datasets import CleanPatchDataModule, to_uint8
+    from pipeline.files import atomic_dir, write_json
+    from pipeline.images import tile, write_image
+    from pipeline.models.backbone import build_scheduler, build_unet, count_parameters, load_backbone, save_backbone
+    from pipeline.models.sampling import sample
+    from pipeline.tracking import finish, log_model_folder, make_logger
+    from pipeline.training.backbone import BackboneDDPM
+    from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
+
     seed(params)
     cfg = params.backbone
     train = cfg.train
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     drawn = sample(final, scheduler, cfg.sample.count, cfg.architecture.sample_size, cfg.sample.steps, params.seed)
     grid = tile([to_uint8(x) for x in drawn], columns=cfg.sample.columns)
     write_image(args.samples, grid)
-    logger.log_image(key="samples", images=[grid], caption=[f"{cfg.sample.steps}-step DDIM samples"])
+    logger.log_image(key="samples", images=[grid], caption=[f"{cfg.sample.steps}-step ancestral DDPM samples"])
     metrics.update(parameters_total=sizes["total"], steps=int(trainer.global_step))
     log_model_folder(logger, STAGE, args.out, metrics)
     write_json(args.metrics, metrics)

@@ -7,12 +7,9 @@ seed and every sampled degradation parameter).
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.data.degradations import Degradation
-from pipeline.data.synthesis import eval_boxes, image_sizes, load_clean, synthesize_split, train_boxes
+from pipeline.config import stage_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean", default="data/clean")
     parser.add_argument("--out", required=True, help="output folder (replaced)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    import shutil
+    from pipeline.data.degradations import Degradation
+    from pipeline.data.synthesis import eval_boxes, image_sizes, load_clean, synthesize_split, train_boxes
+
     cfg = params.synthesis
     degradation = Degradation.from_params(params.degradations, [args.degradation])
 

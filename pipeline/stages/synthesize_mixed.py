@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.data.degradations import Degradation
-from pipeline.data.synthesis import eval_boxes, image_sizes, load_clean, synthesize_split
+from pipeline.config import stage_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean", default="data/clean")
     parser.add_argument("--out", default="data/mixed", help="output folder (replaced)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    import shutil
+    from pipeline.data.degradations import Degradation
+    from pipeline.data.synthesis import eval_boxes, image_sizes, load_clean, synthesize_split
+
     mixes = [Degradation.from_params(params.degradations, list(names)) for names in params.mixed]
 
     images = load_clean(args.clean, "test")

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import adapter_settings, adapter_training, load_params
-from pipeline.files import atomic_dir, write_json
-from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
-from pipeline.models.backbone import OneStepReadout, count_parameters, load_backbone
-from pipeline.tracking import finish, log_model_folder, make_logger
-from pipeline.training.fit import fit_restoration
-from pipeline.training.trainer import seed
+from pipeline.config import adapter_settings, adapter_training, stage_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +22,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--checkpoints", required=True)
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = stage_params(args.params)
+
+    from pipeline.files import atomic_dir, write_json
+    from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
+    from pipeline.models.backbone import OneStepReadout, count_parameters, load_backbone
+    from pipeline.tracking import finish, log_model_folder, make_logger
+    from pipeline.training.fit import fit_restoration
+    from pipeline.training.trainer import seed
+
     seed(params)
     stage = f"train_lora@{args.degradation}"
     settings = adapter_settings(params, args.degradation)

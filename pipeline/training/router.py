@@ -1,5 +1,6 @@
 """Training the degradation router: soft cross-entropy of ``s / τ`` against the target distribution
-(one-hot for a single degradation, uniform over the components of a mix)."""
+(one-hot for a single degradation, uniform over the components of a mix); its mixed training patches;
+and the two thresholds calibrated on validation data (unknown degradation, mix detection)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from pipeline.data.datasets import LabelledImages, to_tensor
+from pipeline.data.synthesis import load_clean, mixed_patches
 from pipeline.models.router import DegradationRouter, top_k_weights
 from pipeline.training.schedules import warmup_cosine
 
@@ -32,7 +35,7 @@ class RouterTraining(L.LightningModule):
             self.top1.update((logits[single].argmax(-1) == target[single].argmax(-1)).float())
         if (~single).any():
             truth = target[~single] > 0
-            kept = top_k_weights(logits[~single], self.router.config.top_k) > 0
+            kept = top_k_weights(logits[~single], int(truth.sum(-1).max())) > 0  # as many as the mix has
             self.recall.update((kept & truth).sum(-1).float() / truth.sum(-1))
 
     def on_validation_epoch_end(self) -> None:
@@ -45,3 +48,43 @@ class RouterTraining(L.LightningModule):
         optimizer = torch.optim.AdamW(self.router.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return {"optimizer": optimizer,
                 "lr_scheduler": warmup_cosine(optimizer, self.hparams.warmup_steps, self.hparams.max_steps)}
+
+
+def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, size: int) -> LabelledImages | None:
+    """``count`` mixed ``size``² patches of one split's clean images, targets uniform over components."""
+    if count <= 0 or len(names) < 2:
+        return None
+    patches = mixed_patches(params.degradations, names, load_clean(clean_dir, split), size, count,
+                            params.seed + (split == "val"))
+    targets = torch.zeros(len(patches), len(names))
+    for row, (_, components) in enumerate(patches):
+        targets[row, [names.index(c) for c in components]] = 1.0 / len(components)
+    return LabelledImages([to_tensor(image) for image, _ in patches], targets)
+
+
+@torch.no_grad()
+def _similarities(router: DegradationRouter, images: LabelledImages) -> torch.Tensor:
+    return torch.cat([router.similarity(torch.stack(images.images[i : i + 64])) for i in range(0, len(images), 64)])
+
+
+def calibrate_threshold(router: DegradationRouter, singles: LabelledImages, quantile: float) -> float:
+    """The ``quantile`` of the best cosine similarity over validation images of known degradations."""
+    return float(torch.quantile(_similarities(router, singles).max(-1).values, quantile))
+
+
+def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None) -> tuple[float, float]:
+    """The second-best probability above which an image counts as a mix (policy ``gated``): the value that
+    best separates validation singles from validation mixes (balanced accuracy), and that accuracy.
+    Without mixes, 0.5."""
+    if mixes is None:
+        return 0.5, float("nan")
+    second = {}
+    for kind, images in (("single", singles), ("mix", mixes)):
+        probabilities = (_similarities(router, images) / router.config.temperature).softmax(-1)
+        second[kind] = probabilities.sort(dim=-1, descending=True).values[:, 1]
+    best, best_accuracy = 0.5, -1.0
+    for candidate in torch.linspace(0.02, 0.5, 49).tolist():
+        accuracy = ((second["single"] < candidate).float().mean() + (second["mix"] >= candidate).float().mean()) / 2
+        if float(accuracy) > best_accuracy:
+            best, best_accuracy = candidate, float(accuracy)
+    return best, best_accuracy
