@@ -22,8 +22,9 @@ from benchmarks import growth, quality, speed
 from benchmarks.report import markdown
 from benchmarks.testsets import DEFAULT_ROOT, benchmarks
 from pipeline.config import load_params
-from pipeline.evaluation.methods import Models
+from pipeline.evaluation.methods import load_methods
 from pipeline.files import atomic_path, write_json
+from pipeline.models.restorer import RestorationSettings
 
 SECTIONS = ("quality", "speed", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         sets, skipped = benchmarks(args.testsets, degradations, mixes, args.images)
         for line in skipped:
             print(f"benchmarks: skipped {line}")
-        loaded = Models.load(models, list(params.degradations))
-        result["quality"] = quality.run(sets, loaded, params.router.top_k, classical=not args.no_classical)
+        methods, _ = load_methods(models, RestorationSettings.from_params(params.restoration))
+        result["quality"] = quality.run(sets, methods, classical=not args.no_classical)
         result["skipped"] = skipped
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
     write_json(out.with_suffix(".json"), result)

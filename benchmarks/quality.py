@@ -12,23 +12,14 @@ from tqdm import tqdm
 
 from benchmarks.classical import methods_for
 from benchmarks.testsets import Benchmark, Case
-from pipeline.data.datasets import to_tensor, to_uint8
-from pipeline.evaluation.methods import Models
+from pipeline.evaluation.methods import Method
+
+SHOWN = {"uir_lora": "UIR-LoRA (as `uir restore`)", "oracle_lora": "oracle LoRA", "multitask": "multi-task"}
 
 
-def network_methods(models: Models, top_k: int) -> dict[str, Callable[[Case], np.ndarray]]:
-    """The project's methods (evaluation's own definitions), on one whole image at a time."""
-    compared = models.methods(top_k)
-
-    def wrap(method):
-        def restore(case: Case) -> np.ndarray:
-            lq = to_tensor(case.degraded)[None]
-            return to_uint8(models.run(method, lq, [case.truth])[0])
-
-        return restore
-
-    return {"UIR-LoRA (router)": wrap(compared["uir_lora"]), "oracle LoRA": wrap(compared["oracle_lora"]),
-            "multi-task": wrap(compared["multitask"])}
+def network_methods(methods: list[Method]) -> dict[str, Callable[[Case], np.ndarray]]:
+    """The project's methods, exactly as the evaluation and `uir restore` run them, one whole image at a time."""
+    return {SHOWN[m.name]: (lambda case, m=m: m.restore(case.degraded, case.truth)) for m in methods if m.name in SHOWN}
 
 
 def score(clean: np.ndarray, restored: np.ndarray) -> tuple[float, float]:
@@ -37,9 +28,9 @@ def score(clean: np.ndarray, restored: np.ndarray) -> tuple[float, float]:
     return float(psnr), float(ssim)
 
 
-def run(benchmarks: list[Benchmark], models: Models, top_k: int, classical: bool = True) -> list[dict]:
+def run(benchmarks: list[Benchmark], methods: list[Method], classical: bool = True) -> list[dict]:
     """One row per (benchmark, method): mean PSNR, SSIM and seconds per image."""
-    networks = network_methods(models, top_k)
+    networks = network_methods(methods)
     rows = []
     torch.set_grad_enabled(False)
     for bench in tqdm(benchmarks, desc="quality", unit="set"):

@@ -102,17 +102,17 @@ def training_throughput(params: DictConfig, models: Path, repeats: int) -> list[
     shared = shared_adapter_settings(params)
     unet, _ = load_backbone(models / "backbone")
     network = attach_lora(unet, lora_config(shared))
-    step = _restoration_step(network, readout, params.shared_lora.train.batch_size, patch, params.shared_lora.t_star)
+    step = _restoration_step(network, readout, params.baselines.shared_lora.train.batch_size, patch, params.baselines.shared_lora.t_star)
     with merged_lora_forward(network):
-        add("train_shared_lora", f"rank {shared['rank']}, merged weights", step, params.shared_lora.train.batch_size, total)
-    add("train_shared_lora", f"rank {shared['rank']}, PEFT forward (before)", step, params.shared_lora.train.batch_size,
+        add("train_shared_lora", f"rank {shared['rank']}, merged weights", step, params.baselines.shared_lora.train.batch_size, total)
+    add("train_shared_lora", f"rank {shared['rank']}, PEFT forward (before)", step, params.baselines.shared_lora.train.batch_size,
         total)
 
     unet, _ = load_backbone(models / "backbone")
     unet.requires_grad_(True)
-    add("train_multitask", "full fine-tune", _restoration_step(unet, readout, params.multitask.train.batch_size, patch,
-                                                               params.multitask.t_star),
-        params.multitask.train.batch_size, total)
+    add("train_multitask", "full fine-tune", _restoration_step(unet, readout, params.baselines.multitask.train.batch_size, patch,
+                                                               params.baselines.multitask.t_star),
+        params.baselines.multitask.train.batch_size, total)
 
     cfg = params.router
     router = DegradationRouter(RouterConfig(names=names, embed_dim=cfg.embed_dim, width=cfg.width))
@@ -225,8 +225,8 @@ def storage(models: Path) -> list[dict]:
     from safetensors import safe_open
 
     rows = []
-    folders = [("backbone", models / "backbone"), ("multi-task model", models / "multitask"),
-               ("shared LoRA", models / "shared_lora"), ("router", models / "router")]
+    folders = [("backbone", models / "backbone"), ("multi-task model", models / "baselines" / "multitask"),
+               ("shared LoRA", models / "baselines" / "shared_lora"), ("router", models / "router")]
     folders += [(f"LoRA {p.name}", p) for p in sorted((models / "loras").iterdir())]
     for label, folder in folders:
         if not folder.is_dir():

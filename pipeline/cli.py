@@ -45,13 +45,20 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("inputs", nargs="+", metavar="INPUT")
     restore.add_argument("-o", "--output", required=True, help="output folder (inputs are never overwritten)")
     restore.add_argument("--models", default="models", help="models folder written by `dvc repro`")
-    restore.add_argument("--top-k", type=int, default=None, help="adapters kept per image (default: the router's K)")
     forced = restore.add_mutually_exclusive_group()
     forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
     forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
-    restore.add_argument("--unknown", choices=["identity", "route"], default="identity",
+    # Defaults: `restoration` in ./params.yaml when there is one, else pipeline.models.restorer.RestorationSettings.
+    restore.add_argument("--policy", choices=["top1", "gated", "topk"], default=None,
+                         help="routing: top1, gated (a second adapter only for a detected mix) or topk (the paper's)")
+    restore.add_argument("--top-k", type=int, default=None, help="adapters kept by topk, and at most by gated")
+    restore.add_argument("--mix-threshold", type=float, default=None,
+                         help="gated: second adapter's probability that means a mix (default: the router's)")
+    restore.add_argument("--composition", choices=["sequential", "weights"], default=None,
+                         help="a mix: adapters one after another, or their weights merged (the paper's)")
+    restore.add_argument("--unknown", choices=["identity", "route"], default=None,
                          help="when the router does not recognise the degradation: leave the image as it is "
-                              "(identity) or use its top-K anyway (route)")
+                              "(identity) or restore it anyway (route)")
     restore.add_argument("--tile", type=int, default=256, help="tile side in pixels for large images")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")

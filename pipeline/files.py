@@ -3,6 +3,7 @@ JSONL manifests read back with a clear error naming the stage that makes them.""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,11 +19,21 @@ def _umask() -> int:
     return mask
 
 
+RANDOM_PART = "?" * 8  # what tempfile.mkstemp / mkdtemp put between prefix and suffix
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Temporary files or folders an interrupted earlier write of the same output left (a kill -9)."""
+    for stale in folder.glob(pattern):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path.parent, f".{glob.escape(path.stem)}.{RANDOM_PART}.tmp{glob.escape(path.suffix)}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
@@ -39,6 +50,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path.parent, f".{glob.escape(path.name)}.{RANDOM_PART}.tmp")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

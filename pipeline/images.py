@@ -58,7 +58,8 @@ def _is_16_bit(path: Path, image: Image.Image) -> bool:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file into an ``HxWxC`` array (C = 1, 3 or 4; uint8 or uint16), EXIF-oriented.
+    """Read an image file into an ``HxWxC`` array (C = 1 gray, 2 gray + alpha, 3 or 4; uint8 or uint16),
+    EXIF-oriented.
 
     Raises :class:`ImageReadError` with the path and a one-line reason for anything that is not a
     readable image (missing, not an image, truncated, unsupported mode).
@@ -101,11 +102,9 @@ def _pil_to_array(path: Path, image: Image.Image) -> np.ndarray:
         image = image.convert("L")
     elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
-    elif image.mode == "LA":
-        image = image.convert("RGBA")
     elif image.mode == "F":
         raise ImageReadError(path, "32-bit float images are not supported")
-    if image.mode not in ("L", "RGB", "RGBA"):
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
         raise ImageReadError(path, f"unsupported image mode {image.mode!r}")
     return np.asarray(image)
 
@@ -118,8 +117,8 @@ def to_rgb8(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
         conversions.append("16-bit to 8-bit")
     elif array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 or uint16 image, got {array.dtype}")
-    if array.shape[2] == 4:
-        array = array[..., :3]
+    if array.shape[2] in (2, 4):
+        array = array[..., : array.shape[2] - 1]
         conversions.append("alpha channel dropped")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
@@ -132,6 +131,12 @@ def write_image(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -
     path = Path(path)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
+    if array.ndim == 3 and array.shape[2] == 2:  # gray + alpha: OpenCV has no such mode, Pillow has (8-bit)
+        if array.dtype != np.uint8:
+            raise OSError(f"could not write {path}: 16-bit gray + alpha is not supported")
+        with atomic_path(path) as tmp:
+            Image.fromarray(array, "LA").save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
+        return
     if array.ndim == 3:
         code = cv2.COLOR_RGBA2BGRA if array.shape[2] == 4 else cv2.COLOR_RGB2BGR
         array = cv2.cvtColor(array, code)

@@ -14,23 +14,46 @@ from tqdm import tqdm
 from pipeline.images import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, recursively) and globs -> image paths; plus inputs that matched nothing."""
-    paths, missing = [], []
+def expand_inputs(inputs: list[str], outdir: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Files, folders (their images, recursively) and globs -> (image, output path) pairs; plus inputs that
+    matched nothing. A file lands in ``outdir`` under its name; a folder's images keep their layout under
+    ``outdir/<folder name>/``."""
+    pairs, missing = [], []
     for item in inputs:
         matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or ([Path(item)] if Path(item).exists() else [])
         if not matches:
             missing.append(item)
         for match in matches:
             if match.is_dir():
-                paths += sorted(p for p in match.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                pairs += [(p, outdir / match.resolve().name / p.relative_to(match)) for p in sorted(match.rglob("*"))
+                          if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
             else:
-                paths.append(match)
-    return list(dict.fromkeys(paths)), missing
+                pairs.append((match, outdir / match.name))
+    unique = list(dict.fromkeys(pairs))
+    return unique, missing
+
+
+def check_outputs(pairs: list[tuple[Path, Path]]) -> None:
+    """Refuse, before any work, two inputs that would be written to one output, and an output that would
+    overwrite an input."""
+    by_output: dict[Path, list[Path]] = {}
+    for source, out in pairs:
+        by_output.setdefault(out.resolve(), []).append(source)
+    clashes = {out: sources for out, sources in by_output.items() if len(sources) > 1}
+    if clashes:
+        lines = [f"  {out} <- {', '.join(map(str, sources))}" for out, sources in clashes.items()]
+        raise ValueError("two inputs would be written to the same output (pass their folder instead, or "
+                         "restore them into separate output folders):\n" + "\n".join(lines))
+    inputs = {source.resolve() for source, _ in pairs}
+    for source, out in pairs:
+        if out.resolve() in inputs:
+            raise ValueError(f"{out} would overwrite an input: choose another output folder")
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """``"noise=0.6,blur=0.4"`` -> ``{"noise": 0.6, "blur": 0.4}``."""
+    """``"noise=0.6,blur=0.4"`` -> ``{"noise": 0.6, "blur": 0.4}``; weights must be finite, >= 0, not all 0."""
+    from pipeline.models.composition import check_mix
+
     mix = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
@@ -38,49 +61,91 @@ def parse_mix(text: str) -> dict[str, float]:
             mix[name.strip()] = float(value) if value else 1.0
         except ValueError:
             raise ValueError(f"bad weight in --mix {text!r}: expected name=number[,name=number...]") from None
+    check_mix(mix)
     return mix
 
 
-def output_path(path: Path, outdir: Path) -> Path:
-    out = outdir / path.name
-    if out.resolve() == path.resolve():
-        raise ValueError(f"{out} would overwrite its input: choose another output folder")
-    return out
+def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
+    """Every argument checked before any model is loaded; returns the forced mix, if any."""
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tile < 16 or not 0 <= args.overlap < args.tile // 2:
+        raise ValueError(f"--tile must be >= 16 and --overlap in [0, tile/2), got {args.tile} and {args.overlap}")
+    if args.mix_threshold is not None and not 0 <= args.mix_threshold <= 1:
+        raise ValueError(f"--mix-threshold must be in [0, 1], got {args.mix_threshold}")
+    if args.device != "cpu":
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise ValueError(f"--device {args.device!r}: {error}") from None
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+        if available is None or not available():
+            raise ValueError(f"--device {args.device}: not available with this torch build ({torch.__version__}); use cpu")
+    forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
+    from pipeline.models.folder import ModelsFolder
+
+    folder = ModelsFolder(args.models)
+    folder.require_backbone()
+    present = folder.check(router=forced is None)
+    if forced is not None:
+        unknown = sorted(set(forced) - set(present))
+        if unknown:
+            raise ValueError(f"no adapter for {unknown} in {folder.root / 'loras'}; present: {present}")
+    return forced
+
+
+def restoration_settings(args: argparse.Namespace):
+    """``restoration`` of ``params.yaml`` when the working folder has one, overridden by the flags."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models.restorer import RestorationSettings
+
+    section = OmegaConf.to_container(OmegaConf.load("params.yaml")).get("restoration", {}) if Path("params.yaml").is_file() else {}
+    return RestorationSettings.from_params(section, policy=args.policy, top_k=args.top_k, composition=args.composition,
+                                           unknown=args.unknown, mix_threshold=args.mix_threshold)
 
 
 def restore_main(args: argparse.Namespace) -> int:
+    outdir = Path(args.output)
+    pairs, missing = expand_inputs(args.inputs, outdir)
+    failures = [(item, "no such file, folder or match") for item in missing]
+    if not pairs and not failures:
+        raise SystemExit("uir restore: no input images")
+    check_outputs(pairs)
+    forced = check_arguments(args)
+    settings = restoration_settings(args)
+
     from pipeline.models.restorer import UniversalRestorer
 
-    paths, missing = expand_inputs(args.inputs)
-    failures = [(item, "no such file, folder or match") for item in missing]
-    if not paths and not failures:
-        raise SystemExit("uir restore: no input images")
-    restorer = UniversalRestorer.from_pretrained(
-        args.models, top_k=args.top_k, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-        device=args.device, unknown=args.unknown,
-    )
-    forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
-    if forced is not None:
-        restorer.composition.weights_for(forced)  # unknown names fail before any image is read
-    outdir = Path(args.output)
-    outdir.mkdir(parents=True, exist_ok=True)
+    restorer = UniversalRestorer.from_pretrained(args.models, router=forced is None, settings=settings, tile=args.tile,
+                                                 overlap=args.overlap, batch_size=args.batch_size, device=args.device)
     report = []
-    for path in tqdm(paths, desc="restoring", unit="img", file=sys.stderr, disable=len(paths) < 2):
+    images = tqdm(pairs, desc="restoring", unit="img", file=sys.stderr, disable=len(pairs) < 2, position=0)
+    for path, out in images:
         entry = {"input": str(path)}
         try:
-            out = output_path(path, outdir)
             image = read_image(path)
             if forced is None:
                 analysis = restorer.analyse(image)
-                entry.update(weights=analysis.weights, unknown=analysis.unknown)
-                described = "unknown degradation" + (" (left unchanged)" if args.unknown == "identity" else "") \
-                    if analysis.unknown else ", ".join(f"{n} {w:.2f}" for n, w in analysis.weights.items())
-                weights = None
+                entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown)
+                skipped = analysis.unknown and settings.unknown == "identity"
+                described = ("unknown degradation" + (" (left unchanged)" if skipped else "")) if analysis.unknown \
+                    else " then ".join(", ".join(f"{n} {w:.2f}" for n, w in step.items()) for step in analysis.steps)
+                steps = 0 if skipped else len(analysis.steps)
             else:
+                analysis = None
                 entry.update(weights=forced, unknown=False)
                 described = "forced " + ", ".join(f"{n} {w:.2f}" for n, w in forced.items())
-                weights = forced
-            restored = restorer.restore(image, weights=weights)
+                steps = len(restorer.steps(forced))
+            tiles = restorer.tiles(image.shape, steps)
+            with tqdm(total=tiles, desc=path.name, unit="tile", file=sys.stderr, leave=False, position=1,
+                      disable=tiles < 8) as bar:
+                restored = restorer.restore(image, weights=forced, analysis=analysis,
+                                            on_tile=bar.update)
             write_image(out, restored)
             entry["output"] = str(out)
             tqdm.write(f"{path}: {described} -> {out}", file=sys.stderr)
@@ -100,11 +165,11 @@ def restore_main(args: argparse.Namespace) -> int:
 
 def info_main(args: argparse.Namespace) -> int:
     from pipeline.models.adapters import read_restoration_settings
-    from pipeline.models.restorer import check_models_folder
+    from pipeline.models.folder import ModelsFolder
     from pipeline.models.router import DegradationRouter
 
     models = Path(args.models)
-    names = check_models_folder(models)
+    names = ModelsFolder(models).check()
     backbone = json.loads((models / "backbone" / "config.json").read_text())
     from safetensors import safe_open
 
@@ -128,7 +193,7 @@ def info_main(args: argparse.Namespace) -> int:
                                   "t_star": read_restoration_settings(folder)["t_star"]}
     router = DegradationRouter.from_pretrained(models / "router")
     info["router"] = {"prototypes": router.config.prototypes, "degradations": router.names,
-                      "top_k": router.config.top_k, "temperature": router.config.temperature,
+                      "mix_threshold": round(router.config.mix_threshold, 4), "temperature": router.config.temperature,
                       "unknown_threshold": round(router.config.threshold, 4),
                       "parameters": sum(p.numel() for p in router.parameters())}
     if args.json:
@@ -140,7 +205,7 @@ def info_main(args: argparse.Namespace) -> int:
         print(f"adapter   {name:<10} rank {a['rank']:>3}  {a['parameters'] / 1e3:8.1f} k parameters "
               f"({100 * a['of_backbone']:.1f}% of backbone)  t*={a['t_star']}  targets {','.join(a['targets'])}")
     r = info["router"]
-    print(f"router    {r['prototypes']} prototypes for {', '.join(r['degradations'])}; top-K {r['top_k']}, "
+    print(f"router    {r['prototypes']} prototypes for {', '.join(r['degradations'])}; mix threshold {r['mix_threshold']}, "
           f"temperature {r['temperature']}, unknown below {r['unknown_threshold']}")
     return 0
 

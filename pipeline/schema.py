@@ -98,14 +98,14 @@ class Adapter(Strict):
     rank: int = PositiveInt
     alpha: float = Field(gt=0)
     targets: list[str] = Field(min_length=1)
-    t_star: int = Field(ge=0)
+    t_star: int  # range checked against the schedule below
 
 
 class AdapterOverrides(Strict):
     rank: int = Field(default=None, ge=1)
     alpha: float = Field(default=None, gt=0)
     targets: list[str] = Field(default=None, min_length=1)
-    t_star: int = Field(default=None, ge=0)
+    t_star: int = None
     train: AdapterTrain = Field(default=None)
 
 
@@ -120,7 +120,7 @@ class Lora(Strict):
 
 class Baseline(Strict):
     label: str
-    t_star: int = Field(ge=0)
+    t_star: int  # range checked against the schedule below
     balance_tasks: bool
     train: Optimisation
 
@@ -153,7 +153,7 @@ class Restoration(Strict):
 
     policy: Literal["top1", "gated", "topk"]
     top_k: int = PositiveInt
-    mix_threshold: float = Field(ge=0, le=1)
+    mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights"]
     unknown: Literal["identity", "route"]
 
@@ -186,6 +186,7 @@ class Trainer(Strict):
     deterministic: bool
     num_workers: int = Field(ge=0)
     cpu_threads: Optional[int] = Field(default=None, ge=1)
+    log_every_n_steps: int = PositiveInt
 
 
 class Params(Strict):

@@ -130,3 +130,43 @@ def test_restore_keeps_shape_and_rejects_bad_weights(composition):
         composition.restore(y, torch.ones(2, 2))
     with pytest.raises(KeyError, match="no adapter for \\['snow'\\]"):
         composition.weights_for({"snow": 1.0})
+
+
+def _direct(folders, name, y, t_star):
+    """Reference: PEFT's own single adapter and the one-step read-out written out by hand."""
+    unet, scheduler = load_backbone(folders / "backbone")
+    alpha_bar = scheduler.alphas_cumprod[t_star]
+    t = torch.full((y.shape[0],), t_star)
+    with torch.no_grad():
+        epsilon = PeftModel.from_pretrained(unet, str(folders / name)).eval()(alpha_bar.sqrt() * y, t).sample
+    return y - ((1 - alpha_bar) / alpha_bar).sqrt() * epsilon
+
+
+@pytest.mark.parametrize("composition_kind", ["sequential", "weights"])
+def test_mixes_restore_exactly_as_a_direct_reference(folders, composition, composition_kind):
+    """`sequential`: each adapter alone at its own t*, the one undoing the last-applied degradation first;
+    `weights`: W + Σ w_i ΔW_i at the weight-averaged t* (reference: PEFT's `cat` merge of the two)."""
+    from pipeline.models.restorer import RestorationSettings, UniversalRestorer
+
+    restorer = UniversalRestorer(composition, settings=RestorationSettings(composition=composition_kind,
+                                                                           undo_order=("haze", "noise")), tile=16, overlap=0)
+    torch.manual_seed(3)
+    image = torch.rand(3, 16, 16)
+    got = restorer.restore(image, weights={"noise": 0.5, "haze": 0.5})
+    y = image[None] * 2 - 1
+    if composition_kind == "sequential":
+        assert restorer.steps({"noise": 0.5, "haze": 0.5}) == [{"haze": 1.0}, {"noise": 1.0}]
+        first = _direct(folders, "haze", y, SETTINGS["haze"][1]).clamp(-1, 1)
+        expected = _direct(folders, "noise", first, SETTINGS["noise"][1]).clamp(-1, 1)
+    else:
+        unet, scheduler = load_backbone(folders / "backbone")
+        model = PeftModel.from_pretrained(unet, str(folders / "noise"), adapter_name="noise")
+        model.load_adapter(str(folders / "haze"), adapter_name="haze")
+        model.add_weighted_adapter(["noise", "haze"], [0.5, 0.5], "mix", combination_type="cat")
+        model.set_adapter("mix")
+        t_star = round((SETTINGS["noise"][1] + SETTINGS["haze"][1]) / 2)
+        alpha_bar = scheduler.alphas_cumprod[t_star]
+        with torch.no_grad():
+            epsilon = model.eval()(alpha_bar.sqrt() * y, torch.full((1,), t_star)).sample
+        expected = (y - ((1 - alpha_bar) / alpha_bar).sqrt() * epsilon).clamp(-1, 1)
+    assert (got - (expected[0] + 1) / 2).abs().max() <= 1e-5

@@ -71,3 +71,53 @@ def test_per_degradation_adapter_and_training_overrides():
     assert total_adapter_steps(params) == sum(adapter_training(params, d).max_steps for d in params.degradations)
     with pytest.raises(KeyError, match="unknown degradation 'snow'"):
         adapter_training(params, "snow")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("degradations.noise.adapter.t_star", -5, "degradations.noise.adapter.t_star = -5: must be in [0, 999]"),
+    ("lora.train.max_steps", 0, "lora.train.max_steps = 0: Input should be greater than or equal to 1"),
+    ("restoration.policy", "top3", "restoration.policy = 'top3'"),
+    ("restoration.top_k", 0, "restoration.top_k = 0"),
+    ("router.temperature", -1.0, "router.temperature = -1.0"),
+    ("synthesis.eval_crop", 130, "synthesis.eval_crop = 130: must be a multiple of 4"),
+    ("mixed", [["noise", "snow"]], "unknown: ['snow']"),
+    ("lora.train.lr", "fast", "lora.train.lr = 'fast'"),
+    ("lora.adapter.rankk", 8, "lora.adapter.rankk = 8: Extra inputs are not permitted"),
+])
+def test_bad_params_are_refused_with_the_key_and_the_allowed_range(tmp_path, key, value, message):
+    from pipeline.schema import ParamsError
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError) as error:
+        load_params(tmp_path / "params.yaml")
+    assert message in str(error.value)
+
+
+def test_a_stage_refuses_bad_params_before_importing_torch(tmp_path):
+    """The stage validates first: with torch made unimportable it still ends with the schema's one line."""
+    import subprocess
+    import sys
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["degradations"]["noise"]["adapter"]["t_star"] = -5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = ("import sys; sys.modules['torch'] = None; from pipeline.stages import train_lora; "
+            f"train_lora.main(['noise', '--params', {str(tmp_path / 'params.yaml')!r}, '--data', 'd', '--out', 'o', "
+            "'--metrics', 'm', '--checkpoints', 'c'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("degradations.noise.adapter.t_star = -5: must be in [0, 999] "
+                                          "(backbone.schedule.num_train_timesteps - 1)")
+    assert "Traceback" not in result.stderr
+
+
+def test_restoration_defaults_in_conf_and_in_code_agree(params):
+    from pipeline.models.restorer import RestorationSettings
+
+    assert RestorationSettings.from_params(params.restoration) == RestorationSettings()

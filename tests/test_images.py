@@ -97,3 +97,21 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "file.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_killed_write_leaves_no_temp_file_behind_the_next_one(tmp_path):
+    """kill -9 during a write leaves `.<name>.<random>.tmp.png`; the next write of that output removes it,
+    and touches no other file."""
+    from pipeline.files import atomic_dir
+
+    stale = tmp_path / ".out.abcd1234.tmp.png"
+    stale.write_bytes(b"partial")
+    other = tmp_path / ".out2.abcd1234.tmp.png"
+    other.write_bytes(b"another output's")
+    stale_dir = tmp_path / ".model.k3j4h5g6.tmp"
+    stale_dir.mkdir()
+    write_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
+    with atomic_dir(tmp_path / "model") as folder:
+        (folder / "weights").write_bytes(b"w")
+    assert not stale.exists() and not stale_dir.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out2.abcd1234.tmp.png", "model", "out.png"]

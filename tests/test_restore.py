@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipeline.cli import main as uir
 from pipeline.images import read_image
-from pipeline.models.restorer import ModelsFolderError, UniversalRestorer
+from pipeline.models.folder import ModelsFolderError
+from pipeline.models.restorer import RestorationSettings, UniversalRestorer
 from pipeline.models.router import DegradationRouter, RouterConfig
 
 from .conftest import ROOT
@@ -41,7 +42,7 @@ def test_restore_returns_the_kind_it_was_given(restorer, kind):
 def test_route_returns_weights_by_name(restorer):
     weights = restorer.route(rgb(48, 48))
     assert set(weights) <= {"noise", "blur"} and sum(weights.values()) == pytest.approx(1.0)
-    assert list(restorer.route(rgb(48, 48), top_k=1).values()) == [1.0]
+    assert list(restorer.with_settings(policy="top1").route(rgb(48, 48)).values()) == [1.0]
 
 
 @pytest.mark.parametrize("channels,dtype", [(1, np.uint8), (4, np.uint8), (3, np.uint16), (1, np.uint16)])
@@ -60,6 +61,7 @@ def test_tiling_blends_tiles_back_exactly(tiny_models, monkeypatch):
     """With a pixel-wise stand-in for the network, tiles, overlaps and the ramp blend reconstruct the image."""
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
     monkeypatch.setattr(restorer.composition, "restore", lambda y, weights: torch.tanh(y * 1.5))
+    assert restorer.tiles(image_shape=(70, 90)) == 3 * 4
     image = rgb(70, 90, seed=3)
     tiled = restorer.restore(image, weights={"noise": 1.0})
     expected = np.round((np.tanh((image / 127.5 - 1) * 1.5) + 1) * 127.5)
@@ -151,13 +153,13 @@ def test_cli_restores_good_files_and_reports_each_bad_one(tmp_path, tiny_models,
     report = {Path(e["input"]).name: e for e in json.loads(out)}
     for name in ("plain.png", "gray.png", "rgba.png", "rgb16.png", "gray16.png"):
         assert "output" in report[name] and set(report[name]["weights"]) <= {"noise", "blur"}
-        original, restored = read_image(tmp_path / "in" / name), read_image(tmp_path / "out" / name)
+        original, restored = read_image(tmp_path / "in" / name), read_image(tmp_path / "out/in" / name)
         assert original.shape == restored.shape and original.dtype == restored.dtype
     for name, reason in (("truncated.jpg", "truncated"), ("notes.png", "not an image"), ("tiny.png", "too small")):
         assert reason in report[name]["error"]
         assert err.count(f"{name}: error:") == 1
     assert "Traceback" not in err
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"plain.png", "gray.png", "rgba.png", "rgb16.png", "gray16.png"}
+    assert {p.name for p in (tmp_path / "out/in").iterdir()} == {"plain.png", "gray.png", "rgba.png", "rgb16.png", "gray16.png"}
 
 
 def test_cli_honours_exif_orientation_and_never_overwrites_inputs(tmp_path, tiny_models, capsys):
@@ -166,7 +168,7 @@ def test_cli_honours_exif_orientation_and_never_overwrites_inputs(tmp_path, tiny
     Image.fromarray(rgb(32, 48)).save(tmp_path / "phone.jpg", exif=exif, quality=95)
     before = (tmp_path / "phone.jpg").read_bytes()
     code, _, err = _run_cli(["restore", str(tmp_path / "phone.jpg"), "-o", str(tmp_path), "--models", str(tiny_models)], capsys)
-    assert code == 1 and "overwrite its input" in err and (tmp_path / "phone.jpg").read_bytes() == before
+    assert "would overwrite an input" in str(code) and (tmp_path / "phone.jpg").read_bytes() == before
     code, _, _ = _run_cli(["restore", str(tmp_path / "*.jpg"), "-o", str(tmp_path / "out"), "--models",
                            str(tiny_models), "--lora", "blur"], capsys)
     assert code == 0 and read_image(tmp_path / "out/phone.jpg").shape == (48, 32, 3)
@@ -189,7 +191,7 @@ def test_cli_info_describes_the_models_folder(tiny_models, capsys):
     info = json.loads(out)
     assert code == 0 and set(info["adapters"]) == {"noise", "blur"}
     assert info["adapters"]["noise"]["rank"] == 2 and info["adapters"]["noise"]["t_star"] == 200
-    assert info["router"]["top_k"] == 2 and info["backbone"]["parameters"] > 0
+    assert 0 <= info["router"]["mix_threshold"] <= 1 and info["backbone"]["parameters"] > 0
 
 
 def test_uir_console_script_runs():
@@ -207,3 +209,70 @@ def test_real_noisy_photos_of_rni15(tmp_path, tiny_models, capsys):
         original, restored = read_image(entry["input"]), read_image(entry["output"])
         assert original.shape == restored.shape
         assert np.abs(original.astype(int) - restored.astype(int)).mean() > 0.1
+
+
+def test_two_inputs_never_share_an_output(tmp_path, tiny_models, capsys, monkeypatch):
+    """Same-named files from two folders are refused before any work; a folder keeps its sub-folders."""
+    for folder in ("a", "b", "a/sub"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb(32, 32)).save(tmp_path / folder / "x.png")
+    loaded = []
+    monkeypatch.setattr(UniversalRestorer, "from_pretrained", lambda *a, **k: loaded.append(1))
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a/x.png"), str(tmp_path / "b/x.png"), "-o", str(tmp_path / "out"),
+                           "--models", str(tiny_models)], capsys)
+    assert "same output" in str(code) and "a/x.png" in str(code) and "b/x.png" in str(code)
+    assert not loaded and not (tmp_path / "out").exists(), "refused before loading models or writing anything"
+    monkeypatch.undo()
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "out"),
+                           "--models", str(tiny_models), "--lora", "noise"], capsys)
+    assert code == 0
+    assert {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")} == {"a/x.png", "a/sub/x.png", "b/x.png"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--mix", "noise=2,blur=-1"], "blur=-1.0 must be a finite number >= 0"),
+    (["--mix", "noise=0"], "needs a positive weight"),
+    (["--mix", "noise=nan"], "finite"),
+    (["--lora", "snow"], "no adapter for ['snow']"),
+    (["--device", "cuda"], "not available"),
+    (["--tile", "8"], "--tile must be >= 16"),
+    (["--mix-threshold", "1.5"], "--mix-threshold must be in [0, 1]"),
+])
+def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, tiny_models, capsys, monkeypatch, args, message):
+    Image.fromarray(rgb(32, 32)).save(tmp_path / "a.png")
+    monkeypatch.setattr(UniversalRestorer, "from_pretrained", lambda *a, **k: pytest.fail("models were loaded"))
+    code, _, err = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tiny_models),
+                             *args], capsys)
+    assert message in str(code) and "Traceback" not in err
+
+
+def test_a_forced_adapter_needs_no_router(tmp_path, tiny_models, capsys):
+    shutil.copytree(tiny_models, tmp_path / "models")
+    shutil.rmtree(tmp_path / "models/router")
+    Image.fromarray(rgb(32, 32)).save(tmp_path / "a.png")
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models",
+                           str(tmp_path / "models"), "--lora", "noise"], capsys)
+    assert code == 0 and (tmp_path / "o/a.png").is_file()
+    code, _, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o2"), "--models",
+                           str(tmp_path / "models")], capsys)
+    assert "dvc repro fit_router" in str(code) and "--lora and --mix restore without a router" in str(code)
+
+
+def test_negative_weights_are_refused_by_the_api(restorer):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        restorer.restore(rgb(32, 32), weights={"noise": -1})
+
+
+def test_gray_with_alpha_and_flat_arrays_keep_their_shape(restorer, tmp_path):
+    flat = rgb(40, 40)[..., 0]
+    assert restorer.restore(flat, weights={"noise": 1.0}).shape == (40, 40)
+    gray_alpha = np.stack([flat, np.full_like(flat, 77)], axis=-1)
+    out = restorer.restore(gray_alpha, weights={"noise": 1.0})
+    assert out.shape == (40, 40, 2) and np.array_equal(out[..., 1], gray_alpha[..., 1])
+    Image.fromarray(gray_alpha, "LA").save(tmp_path / "la.png")
+    from pipeline.images import write_image
+
+    write_image(tmp_path / "out.png", restorer.restore(read_image(tmp_path / "la.png"), weights={"noise": 1.0}))
+    assert Image.open(tmp_path / "out.png").mode == "LA"
+    assert restorer.restore(Image.open(tmp_path / "la.png"), weights={"noise": 1.0}).mode == "LA"

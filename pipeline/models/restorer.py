@@ -313,8 +313,8 @@ class UniversalRestorer:
         return x
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
-        """Network calls (tiles) restoring an image of ``image_shape`` (H, W, ...) takes: for progress bars."""
-        return steps * -(-tile_count(image_shape[0], image_shape[1], self.tile, self.overlap, self.multiple) // self.batch_size)
+        """Tiles restoring an image of ``image_shape`` (H, W, ...) in ``steps`` steps takes: for progress bars."""
+        return steps * tile_count(image_shape[0], image_shape[1], self.tile, self.overlap, self.multiple)
 
     def restore(self, image: Any, weights: Mapping[str, float] | None = None, analysis: Analysis | None = None,
                 on_tile: Callable[[int], None] | None = None) -> Any:
