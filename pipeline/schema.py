@@ -99,6 +99,7 @@ class Adapter(Strict):
     alpha: float = Field(gt=0)
     targets: list[str] = Field(min_length=1)
     t_star: int  # range checked against the schedule below
+    timestep: Literal["fixed", "noise_sigma"]  # t*, or the timestep of the estimated noise level
 
 
 class AdapterOverrides(Strict):
@@ -106,6 +107,7 @@ class AdapterOverrides(Strict):
     alpha: float = Field(default=None, gt=0)
     targets: list[str] = Field(default=None, min_length=1)
     t_star: int = None
+    timestep: Literal["fixed", "noise_sigma"] = None
     train: AdapterTrain = Field(default=None)
 
 

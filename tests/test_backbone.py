@@ -1,3 +1,4 @@
+import numpy as np
 import json
 
 import pytest
@@ -86,3 +87,27 @@ def test_sample_draws_images_of_the_asked_size(tiny):
     with pytest.raises(ValueError, match="multiple of"):
         sample(unet, scheduler, 1, 15, 3, 0)
     assert downsample_factor(unet) == 2
+
+
+@pytest.mark.parametrize("sigma", [15, 25, 50])
+def test_the_noise_level_is_estimated_within_its_stated_error(photo, sigma):
+    """σ̂ of additive Gaussian noise on photo crops (0-255 scale): within 15 % + 2 of the truth (unclipped)."""
+    from pipeline.models.severity import estimate_noise_sigma
+
+    rng = np.random.default_rng(sigma)
+    clean = photo.astype(np.float64) * 0.6 + 50  # away from black and white: no clipping
+    noisy = torch.from_numpy(clean + rng.normal(0, sigma, clean.shape)).permute(2, 0, 1)[None]
+    assert abs(float(estimate_noise_sigma(noisy)[0]) - sigma) <= 0.15 * sigma + 2
+
+
+def test_noise_sigma_rule_picks_the_matching_timestep(params):
+    from pipeline.models.backbone import OneStepReadout, build_scheduler
+    from pipeline.models.severity import rule_timesteps
+
+    readout = OneStepReadout(build_scheduler(params.backbone.schedule))
+    torch.manual_seed(0)
+    smooth = torch.linspace(-0.3, 0.3, 64).view(1, 1, 1, 64).expand(2, 3, 64, 64)
+    y = smooth + torch.tensor([0.1, 0.4]).view(2, 1, 1, 1) * torch.randn(2, 3, 64, 64)
+    t = rule_timesteps("noise_sigma", 999, y, readout)
+    assert torch.allclose(readout.k[t], torch.tensor([0.1, 0.4]), rtol=0.15)
+    assert rule_timesteps("fixed", 123, y, readout).tolist() == [123, 123]

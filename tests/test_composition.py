@@ -119,7 +119,7 @@ def test_composition_leaves_no_state_behind(composition):
 
 def test_timestep_is_the_weight_average_of_the_adapters_t_star(composition):
     weights = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0.2, 0.0, 0.6]])
-    assert composition.timesteps(weights).tolist() == [200, 160, 240, 350]
+    assert composition.timesteps(weights, torch.zeros(len(weights), 3, 8, 8)).tolist() == [200, 160, 240, 350]
 
 
 def test_restore_keeps_shape_and_rejects_bad_weights(composition):

@@ -102,7 +102,7 @@ def test_saved_adapter_reloads_with_peft_to_the_same_outputs(tmp_path, backbone)
                 param.normal_(0, 0.1)  # a trained adapter, not the zero-initialised one
     save_adapter(model, tmp_path / "adapter", "noise", 200)
     assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
-    assert read_restoration_settings(tmp_path / "adapter") == {"degradation": "noise", "t_star": 200}
+    assert read_restoration_settings(tmp_path / "adapter") == {"degradation": "noise", "t_star": 200, "timestep": "fixed"}
 
     fresh, _ = load_backbone(tmp_path / "backbone")
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([200, 200])

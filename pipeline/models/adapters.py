@@ -1,6 +1,6 @@
 """LoRA adapters on the frozen backbone, in PEFT's own format (``adapter_config.json`` +
 ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``), plus the restoration
-settings an adapter needs beside its weights (``restoration.json``: degradation, ``t*``)."""
+settings an adapter needs beside its weights (``restoration.json``: degradation, ``t*``, timestep rule)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def attach_lora(unet: UNet2DModel, config: LoraConfig, name: str = "default") ->
     return model
 
 
-def save_adapter(model: PeftModel, path: str | Path, degradation: str, t_star: int, name: str = "default") -> None:
+def save_adapter(model: PeftModel, path: str | Path, degradation: str, t_star: int, timestep: str = "fixed",
+                 name: str = "default") -> None:
     """PEFT's ``save_pretrained`` plus the adapter's restoration settings."""
     path = Path(path)
     model.save_pretrained(path, selected_adapters=[name], safe_serialization=True)
@@ -51,7 +52,7 @@ def save_adapter(model: PeftModel, path: str | Path, degradation: str, t_star: i
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    ModelsFolder.write_settings(path, degradation=degradation, t_star=int(t_star))
+    ModelsFolder.write_settings(path, degradation=degradation, t_star=int(t_star), timestep=timestep)
 
 
 def read_restoration_settings(path: str | Path) -> dict[str, Any]:

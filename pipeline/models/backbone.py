@@ -100,6 +100,10 @@ class OneStepReadout(torch.nn.Module):
         """The timestep whose noise level ``k`` is closest to ``sigma`` (on the [-1, 1] scale)."""
         return int(torch.argmin((self.k - sigma).abs()))
 
+    def timesteps_for_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``timestep_for_sigma`` for each entry of ``sigma`` (B,)."""
+        return (self.k[None, :] - sigma.to(self.k)[:, None]).abs().argmin(dim=1)
+
     def noisy_sample(self, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the network sees: ``x_t = sqrt(ᾱ_t) · y``."""
         return self.sqrt_alpha_bar[timesteps].view(-1, 1, 1, 1) * y

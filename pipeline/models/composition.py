@@ -23,12 +23,14 @@ from peft.tuners.lora import LoraLayer
 
 from pipeline.models.adapters import read_restoration_settings
 from pipeline.models.backbone import OneStepReadout, load_backbone
+from pipeline.models.severity import rule_timesteps
 
 
 class AdapterComposition(torch.nn.Module):
     """A ``PeftModel`` holding N named adapters, each with its one-step timestep ``t*``."""
 
-    def __init__(self, model: PeftModel, names: Sequence[str], t_star: Sequence[int], readout: OneStepReadout):
+    def __init__(self, model: PeftModel, names: Sequence[str], t_star: Sequence[int], readout: OneStepReadout,
+                 timestep_rules: Sequence[str] | None = None):
         super().__init__()
         missing = [n for n in names if n not in model.peft_config]
         if missing:
@@ -37,6 +39,7 @@ class AdapterComposition(torch.nn.Module):
         self.names = list(names)
         self.readout = readout
         self.register_buffer("t_star", torch.tensor(list(t_star), dtype=torch.float32), persistent=False)
+        self.timestep_rules = list(timestep_rules or ["fixed"] * len(self.names))
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         unsupported = sorted({type(m.get_base_layer()).__name__ for m in self.layers} - {"Conv2d", "Linear"})
         if unsupported:
@@ -65,7 +68,8 @@ class AdapterComposition(torch.nn.Module):
                     model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             except RuntimeError as error:  # shape mismatch: trained on another backbone
                 raise ValueError(f"adapter {path} does not fit the backbone {backbone}: {str(error).splitlines()[0]}") from None
-        return cls(model, list(adapters), [settings[n]["t_star"] for n in adapters], OneStepReadout(scheduler))
+        return cls(model, list(adapters), [settings[n]["t_star"] for n in adapters], OneStepReadout(scheduler),
+                   [settings[n].get("timestep", "fixed") for n in adapters])
 
     def _composed_forward(self):
         composition = self
@@ -97,21 +101,24 @@ class AdapterComposition(torch.nn.Module):
         finally:
             self._weights = None
 
-    def timesteps(self, weights: torch.Tensor) -> torch.Tensor:
-        """Per-sample ``t*``: the weight-averaged timesteps of the composed adapters (rounded).
+    def timesteps(self, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample timesteps: the weight-averaged timesteps of the composed adapters (rounded), each
+        adapter's its ``t*`` or, under the ``noise_sigma`` rule, the one of the noise level estimated in ``y``.
 
-        All-zero weights (no adapter) get the mean ``t*``."""
+        All-zero weights (no adapter) get the mean."""
         weights = weights if weights.ndim == 2 else weights[None]
+        per_adapter = torch.stack([rule_timesteps(rule, int(t), y, self.readout).float()
+                                   for rule, t in zip(self.timestep_rules, self.t_star)], dim=1)
         total = weights.sum(dim=1, keepdim=True)
         uniform = torch.full_like(weights, 1.0 / weights.shape[1])
         normalised = torch.where(total > 0, weights / total.clamp_min(1e-12), uniform)
-        return (normalised @ self.t_star).round().long()
+        return (normalised * per_adapter).sum(dim=1).round().long()
 
     def restore(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters."""
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
-        timesteps = self.timesteps(per_sample)
+        timesteps = self.timesteps(per_sample, y)
         return self.readout.x0(y, timesteps, self.epsilon(self.readout.noisy_sample(y, timesteps), timesteps, weights))
 
     def _check(self, weights: torch.Tensor, batch: int) -> torch.Tensor:

@@ -43,14 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     _, metrics, writer = fit_restoration(
         params, model, OneStepReadout(scheduler), [args.degradation], [settings["t_star"]], [args.data],
         training, training.max_steps, logger, args.checkpoints, inputs=[args.data, args.backbone],
+        timestep_rules=[settings["timestep"]],
     )
     if not writer:
         return
     with atomic_dir(args.out) as tmp:
-        save_adapter(model, tmp, args.degradation, settings["t_star"])
+        save_adapter(model, tmp, args.degradation, settings["t_star"], settings["timestep"])
     adapter_size = adapter_parameter_count(model)
     metrics.update(
-        degradation=args.degradation, t_star=settings["t_star"], rank=settings["rank"],
+        degradation=args.degradation, t_star=settings["t_star"], timestep=settings["timestep"], rank=settings["rank"],
         adapter_parameters=adapter_size, backbone_parameters=backbone_size,
         adapter_to_backbone=adapter_size / backbone_size,
         psnr_gain=metrics["val/psnr"] - metrics["val/input_psnr"],

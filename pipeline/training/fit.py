@@ -37,6 +37,7 @@ def fit_restoration(
     checkpoint_dir: str | Path,
     inputs: Sequence[str | Path],
     balance_tasks: bool = False,
+    timestep_rules: Sequence[str] | None = None,
 ) -> tuple[OneStepRestoration, dict[str, float], bool]:
     """Train ``network`` (whatever of it requires grad) and leave the best-on-validation weights in it.
 
@@ -52,7 +53,7 @@ def fit_restoration(
     module = OneStepRestoration(
         network, readout, tasks, t_star, lr=training.lr, weight_decay=training.weight_decay,
         warmup_steps=training.warmup_steps, max_steps=max_steps, task_weights=weights,
-        panel_images=params.logger.panel_images,
+        panel_images=params.logger.panel_images, timestep_rules=timestep_rules,
     )
     sizes = count_parameters(network)
     logger.log_hyperparams({"model/parameters_total": sizes["total"], "model/parameters_trainable": sizes["trainable"],

@@ -11,6 +11,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from pipeline.models.backbone import OneStepReadout
+from pipeline.models.severity import rule_timesteps
 from pipeline.training.schedules import warmup_cosine
 
 
@@ -24,7 +25,8 @@ def _psnr() -> PeakSignalNoiseRatio:
 
 
 class OneStepRestoration(L.LightningModule):
-    """Restores ``lq`` as the x0-prediction of ``network`` at the task's timestep ``t_star[task]``.
+    """Restores ``lq`` as the x0-prediction of ``network`` at the task's timestep: ``t_star[task]``, or, for a
+    task whose rule is ``noise_sigma``, the timestep of the noise level estimated from ``lq``.
 
     Only the parameters of ``network`` that require grad are optimised (LoRA weights on a frozen
     backbone, or the whole UNet for the multi-task baseline). ``task_weights`` rescale each task's
@@ -35,7 +37,8 @@ class OneStepRestoration(L.LightningModule):
 
     def __init__(self, network: torch.nn.Module, readout: OneStepReadout, tasks: Sequence[str],
                  t_star: Sequence[int], lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 task_weights: Sequence[float] | None = None, panel_images: int = 4):
+                 task_weights: Sequence[float] | None = None, panel_images: int = 4,
+                 timestep_rules: Sequence[str] | None = None):
         super().__init__()
         if len(t_star) != len(tasks):
             raise ValueError(f"one t* per task: {len(tasks)} tasks, {len(t_star)} timesteps")
@@ -43,6 +46,7 @@ class OneStepRestoration(L.LightningModule):
         self.network = network
         self.readout = readout
         self.register_buffer("t_star", torch.tensor(list(t_star), dtype=torch.long), persistent=False)
+        self.timestep_rules = list(timestep_rules or ["fixed"] * len(tasks))
         weights = torch.ones(len(tasks)) if task_weights is None else torch.tensor(list(task_weights))
         self.register_buffer("task_weights", weights.float(), persistent=False)
         self.tasks = list(tasks)
@@ -60,7 +64,13 @@ class OneStepRestoration(L.LightningModule):
         return {n: p.detach().clone().cpu() for n, p in self.network.named_parameters() if p.requires_grad}
 
     def forward(self, lq: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.network, lq, self.t_star[task])
+        timesteps = self.t_star[task]
+        for index, rule in enumerate(self.timestep_rules):
+            mask = task == index
+            if rule != "fixed" and bool(mask.any()):
+                timesteps = timesteps.clone()
+                timesteps[mask] = rule_timesteps(rule, 0, lq[mask], self.readout)
+        return self.readout(self.network, lq, timesteps)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         restored = self(batch["lq"], batch["task"])
