@@ -1,12 +1,13 @@
 # The two commands of the README. Each does all set-up on a fresh clone (a .venv with pinned torch).
 PYTHON ?= python3
+SEEDS ?= 20240930 1 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # DVC stages call `python`: the one in the project venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-fast params results bench retrain
+.PHONY: repro test test-fast params results bench retrain compare seeds
 repro: $(STAMP)  ## run the whole study (dvc repro) on the embedded default data
 	$(BIN)/dvc repro
 
@@ -30,6 +31,13 @@ results: $(STAMP)  ## rewrite the README's Results section and docs/ sample from
 
 bench: $(STAMP)  ## benchmarks after `make repro`: quality on ../shared/data/testsets, speed, storage -> README
 	$(BIN)/python -m benchmarks --readme $(ARGS)
+
+compare: $(STAMP)  ## the experiments of this commit side by side: changed params and headline metrics
+	$(BIN)/python -m pipeline.evaluation.compare $(ARGS)
+
+seeds: $(STAMP)  ## the whole study once per seed (DVC experiments, workspace untouched), then mean ± std
+	for s in $(SEEDS); do $(BIN)/dvc exp run --temp -S seed=$$s $(ARGS) || exit 1; done
+	$(BIN)/python -m pipeline.evaluation.compare --over-seeds
 
 retrain: $(STAMP)  ## what CI's retrain workflow runs: pull, repro or exp run -S $$SET_PARAMS, push, metrics diff
 	scripts/retrain.sh

@@ -42,7 +42,7 @@ def make_logger(params: DictConfig, stage: str, job_type: str) -> WandbLogger:
     """A ``WandbLogger`` for one stage execution (``stage`` as DVC names it, e.g. ``train_lora@noise``)."""
     save_dir = Path(params.logger.dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         name=stage,
         project=params.logger.project,
         entity=params.logger.entity,
@@ -53,6 +53,8 @@ def make_logger(params: DictConfig, stage: str, job_type: str) -> WandbLogger:
         config=OmegaConf.to_container(params, resolve=True),
         log_model=False,
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; W&B warns that it has no effect
+    return logger
 
 
 def artifact_name(stage: str) -> str:

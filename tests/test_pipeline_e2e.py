@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -141,8 +142,8 @@ def test_models_are_on_disk_in_their_formats(smoke_repo):
     for name in params["degradations"]:
         adapter = repo / "models/loras" / name
         assert {"adapter_config.json", "adapter_model.safetensors", "restoration.json"} <= {p.name for p in adapter.iterdir()}
-    assert (repo / "models/multitask/diffusion_pytorch_model.safetensors").is_file()
-    assert (repo / "models/shared_lora/adapter_model.safetensors").is_file()
+    assert (repo / "models/baselines/multitask/diffusion_pytorch_model.safetensors").is_file()
+    assert (repo / "models/baselines/shared_lora/adapter_model.safetensors").is_file()
     assert {p.name for p in (repo / "models/router").iterdir()} == {"config.json", "model.safetensors"}
     assert (repo / "reports/backbone_samples.png").is_file()
 
@@ -152,45 +153,112 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     stages = ["pretrain_backbone", "train_multitask", "train_shared_lora", "fit_router", "evaluate"]
     stages += [f"train_lora@{d}" for d in params["degradations"]]
+    experiment = json.loads((repo / "reports/wandb/pretrain_backbone.json").read_text())["group"]
+    assert experiment and not experiment.startswith("repro-"), "the `dvc exp run` names the group"
     for stage in stages:
         pointer = json.loads((repo / "reports/wandb" / f"{stage}.json").read_text())
         assert pointer["name"] == stage and pointer["mode"] == "offline"
-        # the DVC experiment's name; train_lora@noise was rerun by a plain `dvc repro` in an earlier test
-        expected_plain = stage == "train_lora@noise"
-        assert pointer["group"] and pointer["group"].startswith("repro-") == expected_plain
+        # the DVC experiment's name, or repro-<rev> for a stage a plain `dvc repro` reran (another test may have)
+        assert pointer["group"] == experiment or pointer["group"].startswith("repro-")
         assert list((repo / pointer["dir"]).glob("*.wandb")), stage
+
+
+METHODS = ["input", "oracle_lora", "uir_lora", "uir_lora_sequential", "uir_lora_weights", "uir_lora_paper",
+           "multitask", "shared_lora"]
 
 
 def test_evaluation_writes_every_output(smoke_repo):
     repo, env = smoke_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    methods = {"input", "oracle_lora", "uir_lora", "uir_lora_top1", "multitask", "shared_lora"}
     for kind in ("single", "mixed"):
-        assert set(metrics[kind]) == methods
+        assert list(metrics[kind]) == METHODS
         assert all({"psnr", "ssim"} == set(v) for v in metrics[kind].values())
-    assert 0 <= metrics["router"]["top1_accuracy"] <= 1 and 0 <= metrics["router"]["top2_recall_mixed"] <= 1
+    assert 0 <= metrics["router"]["top1_accuracy"] <= 1 and 0 <= metrics["router"]["mix_recall"] <= 1
+    assert metrics["restoration"]["policy"] == params["restoration"]["policy"]
     single = (repo / "reports/single.csv").read_text().splitlines()
     mixed = (repo / "reports/mixed.csv").read_text().splitlines()
-    assert single[0].split(",") == ["set", *["input", "oracle_lora", "uir_lora", "uir_lora_top1", "multitask", "shared_lora"]]
+    assert single[0].split(",") == ["set", *METHODS]
     assert len(single) == 1 + len(params["degradations"]) and len(mixed) == 1 + len(params["mixed"])
     for chart in ("psnr.png", "router_confusion.png"):
         assert (repo / "reports/plots" / chart).stat().st_size > 1000
     sets = list(params["degradations"]) + ["+".join(m) for m in params["mixed"]]
     assert {p.stem for p in (repo / "reports/samples").glob("*.png")} == set(sets)
-    shown = _dvc("metrics", "show", cwd=repo, env=env).stdout
-    assert "single.uir_lora.psnr" in shown and "mixed.multitask.psnr" in shown
+    shown = _dvc("metrics", "show", cwd=repo, env={**env, "COLUMNS": "100"}).stdout
+    assert "uir_mix" in shown and "oracle" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 100, "dvc metrics show fits a 100-column terminal"
 
 
-def test_an_experiment_compares_with_metrics_diff(smoke_repo):
+def test_evaluation_reports_uir_lora_exactly_as_uir_restore_writes_it(smoke_repo, tmp_path):
+    """The same test crops through the CLI: the PSNR of what `uir restore` writes equals evaluate's."""
+    import csv
+
+    import numpy as np
+
+    from pipeline.images import read_image
+
+    repo, env = smoke_repo
+    folder = repo / "data/mixed/noise+blur/test"
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()][:3]
+    out = tmp_path / "restored"
+    _run([sys.executable, "-m", "pipeline.cli", "restore", *[str(folder / r["lq"]) for r in records], "-o", str(out)],
+         repo, env)
+    with open(repo / "reports/per_image.csv") as f:
+        expected = {int(r["index"]): float(r["psnr"]) for r in csv.DictReader(f)
+                    if r["set"] == "noise+blur" and r["method"] == "uir_lora"}
+    for index, record in enumerate(records):
+        restored = read_image(out / Path(record["lq"]).name).astype(np.float64)
+        clean = read_image(folder / record["gt"]).astype(np.float64)
+        psnr = 10 * np.log10(255.0**2 / np.mean((restored - clean) ** 2))
+        assert psnr == pytest.approx(expected[index], abs=1e-3)
+
+
+def test_a_baseline_is_added_by_touching_two_files(smoke_repo):
+    """A new baseline: a `baselines.<name>` entry in params.yaml and a stage in dvc.yaml; `evaluate` finds its
+    folder, and it appears in metrics.json and the results table."""
+    from pipeline.config import load_params
+    from pipeline.evaluation.results import results_markdown
+
+    repo, env = smoke_repo
+    params_file, dvc_file = repo / "params.yaml", repo / "dvc.yaml"
+    originals = params_file.read_text(), dvc_file.read_text()
+    params = yaml.safe_load(originals[0])
+    params["baselines"]["multitask_slow"] = {**copy.deepcopy(params["baselines"]["multitask"]), "label": "multi-task, lr / 10"}
+    params["baselines"]["multitask_slow"]["train"]["lr"] /= 10
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = yaml.safe_load(originals[1])
+    stages["stages"]["train_multitask_slow"] = {
+        **stages["stages"]["train_multitask"],
+        "cmd": "python -m pipeline.stages.train_multitask --name multitask_slow --data data/degraded --backbone models/backbone",
+        "params": ["seed", "degradations", "lora.train.max_steps", "baselines.multitask_slow", "trainer"],
+        "outs": ["models/baselines/multitask_slow", {"reports/train_multitask_slow.json": {"cache": False}},
+                 {"reports/wandb/train_multitask_slow.json": {"cache": False}},
+                 {"checkpoints/train_multitask_slow": {"persist": True}}],
+    }
+    dvc_file.write_text(yaml.safe_dump(stages, sort_keys=False))
+    try:
+        out = _dvc("repro", cwd=repo, env=env).stdout
+        assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == \
+            {"train_multitask_slow", "evaluate"}
+        metrics = json.loads((repo / "reports/metrics.json").read_text())
+        assert "multitask_slow" in metrics["single"] and "multitask_slow" in metrics["mixed"]
+        assert "| multi-task, lr / 10 |" in results_markdown(metrics, load_params(params_file), "docs/sample.png")
+    finally:
+        params_file.write_text(originals[0])
+        dvc_file.write_text(originals[1])
+        shutil.rmtree(repo / "models/baselines/multitask_slow", ignore_errors=True)
+        _dvc("repro", cwd=repo, env=env)
+
+
+def test_an_inference_setting_reruns_only_the_evaluation(smoke_repo):
     repo, env = smoke_repo
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-q", "-m", "smoke baseline"], repo, env)
+    _run(["git", "commit", "-q", "--allow-empty", "-m", "smoke baseline"], repo, env)
     # DVC composes conf/ afresh for every experiment: the profile must be named again.
-    _dvc("exp", "run", "-S", "profile=smoke", "-S", "router.top_k=1", cwd=repo, env=env)
+    out = _dvc("exp", "run", "-S", "profile=smoke", "-S", "restoration.policy=topk", cwd=repo, env=env).stdout
+    assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == {"evaluate"}
     diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
-    assert "top1_recall_mixed" in diff or "top2_recall_mixed" in diff
-    assert "reports/metrics.json" in diff
+    assert "reports/headline.json" in diff and "uir_mix" in diff
 
 
 def test_retrain_pushes_to_a_remote_and_a_fresh_clone_pulls_up_to_date(smoke_repo, tmp_path):

@@ -26,17 +26,20 @@ def mean_table(rows: list[dict], kind: str, methods: Sequence[str]) -> dict[str,
 
 
 def headline(metrics: dict) -> dict[str, float | None]:
-    """The few numbers experiments are compared on (``dvc metrics show`` fits 100 columns): UIR-LoRA as
-    shipped, the multi-task baseline and the oracle on single and mixed sets, and the router."""
+    """The few numbers experiments are compared on, short-named so ``dvc metrics show`` fits 100 columns:
+    PSNR (dB) on the single sets of UIR-LoRA as shipped (``uir``), the multi-task baseline (``mt``) and the
+    oracle adapter (``oracle``); on the mixed sets (``uir_mix``, ``mt_mix``); the router's top-1 accuracy on
+    single sets (``top1``) and its recall of mix components (``recall``)."""
 
     def psnr(kind: str, method: str) -> float | None:
         value = metrics[kind].get(method)
-        return round(value["psnr"], 3) if value else None
+        return round(value["psnr"], 2) if value else None
 
-    return {"uir_single": psnr("single", "uir_lora"), "mt_single": psnr("single", "multitask"),
-            "oracle_single": psnr("single", "oracle_lora"), "uir_mixed": psnr("mixed", "uir_lora"),
-            "mt_mixed": psnr("mixed", "multitask"), "top1_acc": round(metrics["router"]["top1_accuracy"], 4),
-            "mix_recall": None if metrics["router"]["mix_recall"] is None else round(metrics["router"]["mix_recall"], 4)}
+    router = metrics["router"]
+    return {"uir": psnr("single", "uir_lora"), "mt": psnr("single", "multitask"), "oracle": psnr("single", "oracle_lora"),
+            "uir_mix": psnr("mixed", "uir_lora"), "mt_mix": psnr("mixed", "multitask"),
+            "top1": round(router["top1_accuracy"], 3),
+            "recall": None if router["mix_recall"] is None else round(router["mix_recall"], 3)}
 
 
 def sample_grid(rows: list[list[np.ndarray]], header: Sequence[str], band: int = 20) -> np.ndarray:

@@ -11,6 +11,7 @@ a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,7 +76,7 @@ class ValidationCheckpoint(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimiser, loops, RNG
 
 
 class GlobalRngState(Callback):
@@ -97,6 +98,36 @@ class GlobalRngState(Callback):
             self._pending = None
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimisation steps (``max_steps``), not one per epoch: training is set in steps,
+    and Lightning's per-epoch bar shows "Epoch 2/-2" when no epoch limit is set."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:
+            bar.reset(total=trainer.max_steps)
+            bar.n = trainer.global_step
+            bar.set_description("training steps")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._should_update(trainer.global_step, trainer.max_steps):
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # the bar runs on across epochs
+
+
+class _NoAdvertising(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
+
+
 class TrackDataPosition(Callback):
     """Keeps every ``ResumableBatchSampler`` told how many batches training has consumed: the position its
     loader saves in a checkpoint (the loader itself runs a batch ahead of training)."""
@@ -116,7 +147,6 @@ def build_trainer(
     val_every: int,
     logger: Any,
     checkpoint_dir: str | Path,
-    callbacks: Sequence[Callback] = (),
     **overrides: Any,
 ) -> L.Trainer:
     """A Trainer for ``max_steps`` optimisation steps, validating and checkpointing every ``val_every``
@@ -136,10 +166,12 @@ def build_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=True,
+        enable_model_summary=False,  # the stage logs its parameter counts itself
         enable_checkpointing=False,  # ValidationCheckpoint writes the one checkpoint a resume needs
         use_distributed_sampler=False,  # ResumableBatchSampler shards batches across ranks itself
         logger=logger,
-        callbacks=[ValidationCheckpoint(checkpoint_dir), GlobalRngState(), TrackDataPosition(), *callbacks],
+        callbacks=[ValidationCheckpoint(checkpoint_dir), GlobalRngState(), TrackDataPosition(),
+                   *([StepProgressBar()] if overrides.get("enable_progress_bar", True) else [])],
         default_root_dir=str(checkpoint_dir),
     )
     options.update(overrides)
