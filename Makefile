@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python`: the one in the project venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-fast params results bench retrain compare seeds
+.PHONY: repro test test-fast params results bench retrain compare seeds plots
 repro: $(STAMP)  ## run the whole study (dvc repro) on the embedded default data
 	$(BIN)/dvc repro
 
@@ -31,6 +31,14 @@ results: $(STAMP)  ## rewrite the README's Results section and docs/ sample from
 
 bench: $(STAMP)  ## benchmarks after `make repro`: quality on ../shared/data/testsets, speed, storage -> README
 	$(BIN)/python -m benchmarks --readme $(ARGS)
+
+plots: $(STAMP) .plots/node_modules  ## `dvc plots show` with the chart libraries inlined: reports/plots_html/index.html works offline
+	$(BIN)/python -m pipeline.evaluation.offline_plots
+
+.plots/node_modules: pipeline/evaluation/offline_plots.py  # set-up: the versions DVC's page loads from a CDN
+	npm install --silent --no-save --no-audit --no-fund --prefix .plots \
+		$$($(BIN)/python -c "from pipeline.evaluation.offline_plots import LIBRARIES; print(' '.join(f'{k}@{v}' for k, v in LIBRARIES.items()))")
+	touch .plots/node_modules
 
 compare: $(STAMP)  ## the experiments of this commit side by side: changed params and headline metrics
 	$(BIN)/python -m pipeline.evaluation.compare $(ARGS)

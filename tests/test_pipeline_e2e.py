@@ -343,3 +343,17 @@ def test_adding_a_degradation_trains_exactly_one_new_lora(smoke_repo):
     assert (repo / "models/loras/speckle/adapter_model.safetensors").is_file()
     router = json.loads((repo / "models/router/config.json").read_text())
     assert "speckle" in router["names"]
+
+
+def test_offline_plots_page_loads_nothing_from_the_network(smoke_repo, tmp_path):
+    from pipeline.evaluation.offline_plots import BUILDS
+
+    repo, env = smoke_repo
+    for name, build in BUILDS.items():  # stand-ins for the npm builds `make plots` installs
+        (tmp_path / name / build).parent.mkdir(parents=True)
+        (tmp_path / name / build).write_text(f"/* {name} */")
+    _run([sys.executable, "-m", "pipeline.evaluation.offline_plots", "--node-modules", str(tmp_path), "--out",
+          str(tmp_path / "html")], repo, env)
+    page = (tmp_path / "html/index.html").read_text()
+    assert "/* vega-lite */" in page and "Test PSNR (dB), mixed degradations" in page
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page

@@ -41,3 +41,24 @@ def test_retrain_workflow_triggers_and_calls_the_local_script():
 def test_actionlint_accepts_the_workflows():
     result = subprocess.run(["actionlint", *map(str, WORKFLOWS.glob("*.yml"))], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_offline_plots_inline_the_chart_libraries_and_keep_dvc_s_cdn_out(tmp_path):
+    from pipeline.evaluation.offline_plots import BUILDS, offline_template
+
+    for name, build in BUILDS.items():
+        (tmp_path / name / build).parent.mkdir(parents=True)
+        (tmp_path / name / build).write_text(f"window.{name.replace('-', '_')} = 1; // '</script>' in a string")
+    template = offline_template(tmp_path)
+    assert all(f"window.{n.replace('-', '_')} = 1" in template for n in BUILDS)
+    assert "{plot_divs}" in template and "{refresh_tag}" in template
+    assert "{scripts}" not in template, "DVC puts its CDN <script> tags there"
+    assert template.count("</script>") == len(BUILDS), "inlined code cannot close its tag early"
+
+
+@pytest.mark.skipif(not (ROOT / ".plots/node_modules/vega/build/vega.min.js").is_file(),
+                    reason="the chart libraries are installed by `make plots` (npm)")
+def test_the_installed_libraries_make_a_template():
+    from pipeline.evaluation.offline_plots import offline_template
+
+    assert len(offline_template(ROOT / ".plots/node_modules")) > 500_000
