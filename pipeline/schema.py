@@ -158,6 +158,7 @@ class Restoration(Strict):
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights"]
     unknown: Literal["identity", "route"]
+    undo_order: list[str]
 
 
 class Evaluate(Strict):

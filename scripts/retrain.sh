@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain what changed, with an optional DVC remote; what CI's retrain workflow runs, runnable locally.
 #   DVC_REMOTE_URL  a DVC remote (s3://..., /some/folder, ...): pulled before, pushed after; none: local only
-#   SET_PARAMS      space-separated `dvc exp run -S` overrides (e.g. "profile=smoke router.top_k=1");
+#   SET_PARAMS      space-separated `dvc exp run -S` overrides (e.g. "profile=smoke restoration.policy=topk");
 #                   empty: a plain `dvc repro`
 #   BASE_REV        the revision `dvc metrics diff` compares with (default HEAD)
 set -euo pipefail

@@ -67,22 +67,46 @@ def adapter_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def merged_weight(layer: LoraLayer, names: list[str], mixing: torch.Tensor) -> torch.Tensor:
+    """``W + Σ_i mixing[..., i] · ΔW_i`` with PEFT's ``get_delta_weight`` (``scale·B·A``) for adapters ``names``:
+    one weight for ``mixing`` (N,), one per sample for (B, N). The one place adapter weights are merged."""
+    deltas = torch.stack([layer.get_delta_weight(name) for name in names])
+    return layer.get_base_layer().weight + torch.tensordot(mixing.to(deltas.dtype), deltas, dims=1)
+
+
+def apply_weight(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``base``'s convolution or matmul on ``x`` with ``weight`` in place of its own; a weight with one more
+    dimension than ``base.weight`` holds one per sample (a grouped convolution, or a batched matmul)."""
+    if weight.ndim == base.weight.ndim:
+        if isinstance(base, torch.nn.Conv2d):
+            return base._conv_forward(x, weight, base.bias)
+        return F.linear(x, weight, base.bias)
+    batch = x.shape[0]
+    if isinstance(base, torch.nn.Conv2d):
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            return torch.cat([apply_weight(base, x[b : b + 1], weight[b]) for b in range(batch)])
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]),
+                       None if base.bias is None else base.bias.repeat(batch),
+                       base.stride, base.padding, base.dilation, base.groups * batch)
+        return out.view(batch, -1, *out.shape[2:])
+    out = torch.einsum("b...i,boi->b...o", x, weight)
+    return out if base.bias is None else out + base.bias
+
+
 def _merged_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if layer.disable_adapters or layer.merged or args or kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
-    base = layer.get_base_layer()
-    weight = base.weight
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            weight = weight + layer.get_delta_weight(name)
-    if isinstance(base, torch.nn.Conv2d):
-        return base._conv_forward(x, weight, base.bias)
-    return F.linear(x, weight, base.bias)
+    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not names:
+        return layer.get_base_layer()(x)
+    weight = merged_weight(layer, names, torch.ones(len(names), device=x.device))
+    return apply_weight(layer.get_base_layer(), x, weight)
 
 
 @contextmanager
 def merged_lora_forward(model: torch.nn.Module) -> Iterator[None]:
-    """Every LoRA layer of ``model`` computes ``base(x; W + Σ scale·B·A)``: one convolution or matmul.
+    """Every LoRA layer of ``model`` computes ``base(x; W + Σ scale·B·A)`` over its active adapters: one
+    convolution or matmul (``merged_weight``, as the composition of adapters at inference).
 
     The same function and gradients as PEFT's ``base(x) + scale·B(A(x))`` (LoRA dropout is 0), up to float
     rounding. It pays in training on a small backbone, where the adapter path costs more than the layer

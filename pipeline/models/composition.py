@@ -3,7 +3,8 @@
 Every adapted layer computes ``base(x) + Σ_i w[b, i] · scale_i · B_i(A_i(x))`` for each sample ``b``.
 PEFT's layers hold the adapters; PEFT has no per-sample weighted mixing, so each LoRA layer's forward
 is replaced by one that composes the weights first — ``W_b = W + Σ_i w[b, i] · ΔW_i`` with PEFT's
-``get_delta_weight`` — and runs a single convolution or matmul: for every sample alike when all rows
+``get_delta_weight`` (``adapters.merged_weight``, which training uses too) — and runs a single
+convolution or matmul: for every sample alike when all rows
 of the weights agree, else one grouped convolution (``groups = batch``) over per-sample kernels. The
 result is PEFT's own computation up to float rounding, at the cost of the bare backbone whatever the
 number of adapters composed.
@@ -17,11 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from pipeline.models.adapters import read_restoration_settings
+from pipeline.models.adapters import apply_weight, merged_weight, read_restoration_settings
 from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.severity import rule_timesteps
 
@@ -82,11 +82,8 @@ class AdapterComposition(torch.nn.Module):
             used = [i for i, name in enumerate(composition.names) if name in layer.lora_A and bool(weights[..., i].any())]
             if not used:
                 return base(x)
-            deltas = torch.stack([layer.get_delta_weight(composition.names[i]) for i in used])
-            mixing = weights[..., used].to(deltas.dtype)
-            if weights.ndim == 1:
-                return _apply(base, x, base.weight + torch.tensordot(mixing, deltas, dims=1))
-            return _apply_per_sample(base, x, base.weight + torch.tensordot(mixing, deltas, dims=1))
+            weight = merged_weight(layer, [composition.names[i] for i in used], weights[..., used])
+            return apply_weight(base, x, weight)
 
         return forward
 
@@ -137,27 +134,6 @@ class AdapterComposition(torch.nn.Module):
             raise KeyError(f"no adapter for {unknown}; loaded: {self.names}")
         check_mix(mix)
         return torch.tensor([float(mix.get(n, 0.0)) for n in self.names])
-
-
-def _apply(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``base``'s operation on ``x`` with ``weight`` in place of its own."""
-    if isinstance(base, torch.nn.Conv2d):
-        return base._conv_forward(x, weight, base.bias)
-    return F.linear(x, weight, base.bias)
-
-
-def _apply_per_sample(base: torch.nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``base``'s operation with ``weights[b]`` for sample ``b``: a grouped convolution, or a batched matmul."""
-    batch = x.shape[0]
-    if isinstance(base, torch.nn.Conv2d):
-        if base.padding_mode != "zeros" or isinstance(base.padding, str):
-            return torch.cat([_apply(base, x[b : b + 1], weights[b]) for b in range(batch)])
-        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weights.reshape(-1, *weights.shape[2:]),
-                       None if base.bias is None else base.bias.repeat(batch),
-                       base.stride, base.padding, base.dilation, base.groups * batch)
-        return out.view(batch, -1, *out.shape[2:])
-    out = torch.einsum("b...i,boi->b...o", x, weights)
-    return out if base.bias is None else out + base.bias
 
 
 def check_mix(mix: Mapping[str, float]) -> None:
