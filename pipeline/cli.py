@@ -1,6 +1,7 @@
 """``uir``: the command line of the project.
 
     uir restore INPUT... -o OUTDIR                               restore files, folders, globs
+    uir export -o exported/ [--lora noise | --mix noise=0.6,blur=0.4]   the networks as ONNX
     uir info [--models models]                                   what a models folder holds
     uir sample --backbone models/backbone -n 16 -o samples.png   draw images from the backbone
     uir stage NAME [ARGS...]                                     run one pipeline stage (as DVC does)
@@ -12,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from pipeline.restore_cli import info_main, restore_main
+from pipeline.restore_cli import export_main, info_main, restore_main
 
 STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "train_lora", "train_multitask",
           "train_shared_lora", "fit_router", "evaluate")
@@ -63,8 +64,20 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")
     restore.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    restore.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                         help="what runs the network: onnxruntime (exported to ONNX, the fastest on a CPU), torch, "
+                              "or auto (onnxruntime on the CPU when installed, else torch)")
     restore.add_argument("--json", action="store_true", help="print a JSON report on standard output")
     restore.set_defaults(run=lambda a: _exit(restore_main(a)))
+
+    export = commands.add_parser("export", help="write the restoration networks (and the router) as ONNX")
+    export.add_argument("-o", "--output", required=True, help="folder for the .onnx files")
+    export.add_argument("--models", default="models")
+    export_what = export.add_mutually_exclusive_group()
+    export_what.add_argument("--lora", help="one adapter (default: each adapter, one file each)")
+    export_what.add_argument("--mix", help="a fixed mix with its weights merged, e.g. noise=0.6,blur=0.4")
+    export.add_argument("--no-router", action="store_true", help="do not export the router")
+    export.set_defaults(run=lambda a: _exit(export_main(a)))
 
     info = commands.add_parser("info", help="describe a models folder")
     info.add_argument("--models", default="models")
@@ -89,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         raise SystemExit(f"uir {args.command}: {error.args[0] if isinstance(error, KeyError) else error}") from None
 
 

@@ -85,6 +85,12 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
         available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
         if available is None or not available():
             raise ValueError(f"--device {args.device}: not available with this torch build ({torch.__version__}); use cpu")
+    if args.engine == "onnxruntime" and args.device != "cpu":
+        raise ValueError("--engine onnxruntime runs on the CPU: drop --device or use --engine torch")
+    if args.engine == "onnxruntime":
+        from pipeline.models.export import _onnxruntime
+
+        _onnxruntime()
     forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
     from pipeline.models.folder import ModelsFolder
 
@@ -96,6 +102,19 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
         if unknown:
             raise ValueError(f"no adapter for {unknown} in {folder.root / 'loras'}; present: {present}")
     return forced
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """``auto``: ONNX Runtime on the CPU where it is installed (the fastest there, see README), else torch."""
+    if engine != "auto":
+        return engine
+    if device != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
 
 
 def restoration_settings(args: argparse.Namespace):
@@ -122,7 +141,8 @@ def restore_main(args: argparse.Namespace) -> int:
     from pipeline.models.restorer import UniversalRestorer
 
     restorer = UniversalRestorer.from_pretrained(args.models, router=forced is None, settings=settings, tile=args.tile,
-                                                 overlap=args.overlap, batch_size=args.batch_size, device=args.device)
+                                                 overlap=args.overlap, batch_size=args.batch_size, device=args.device,
+                                                 engine=resolve_engine(args.engine, args.device))
     report = []
     images = tqdm(pairs, desc="restoring", unit="img", file=sys.stderr, disable=len(pairs) < 2, position=0)
     for path, out in images:
@@ -161,6 +181,39 @@ def restore_main(args: argparse.Namespace) -> int:
     failed = sum("error" in e for e in report)
     print(f"restored {len(report) - failed} of {len(report)} inputs into {outdir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """``uir export``: each adapter (or one adapter, or one fixed mix) as ONNX, and the router."""
+    import torch
+
+    from pipeline.models.composition import AdapterComposition
+    from pipeline.models.export import _onnxruntime, export_onnx
+    from pipeline.models.folder import ModelsFolder
+    from pipeline.models.router import DegradationRouter
+
+    _onnxruntime()
+    folder = ModelsFolder(args.models)
+    names = folder.check(router=False)
+    mixes = [{args.lora: 1.0}] if args.lora else [parse_mix(args.mix)] if args.mix else [{n: 1.0} for n in names]
+    for mix in mixes:
+        unknown = sorted(set(mix) - set(names))
+        if unknown:
+            raise ValueError(f"no adapter for {unknown} in {folder.root / 'loras'}; present: {names}")
+    composition = AdapterComposition.from_pretrained(folder.backbone, {n: folder.lora(n) for n in names})
+    out = Path(args.output)
+    for mix in mixes:
+        path = export_onnx(composition, mix, out / ("+".join(f"{n}={w:g}" for n, w in sorted(mix.items())) + ".onnx"))
+        print(f"wrote {path}")
+    if not args.no_router and (folder.router / "config.json").is_file():
+        router = DegradationRouter.from_pretrained(folder.router)
+        with torch.no_grad():
+            torch.onnx.export(router, (torch.zeros(1, 3, 64, 64),), str(out / "router.onnx"), input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                                                     "logits": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        print(f"wrote {out / 'router.onnx'} (logits s/τ over {router.names}; softmax and the policy are applied outside)")
+    return 0
 
 
 def info_main(args: argparse.Namespace) -> int:

@@ -218,11 +218,13 @@ class UniversalRestorer:
         settings: how routing becomes restoration (policy, composition, unknown degradations).
         tile, overlap: tile side and overlap in pixels for images larger than ``tile``.
         batch_size: tiles restored at once.
+        engine: ``torch``, or ``onnxruntime`` (the network exported to ONNX with the mix merged in, run by
+            ONNX Runtime on the CPU; the router stays in PyTorch).
     """
 
     def __init__(self, composition: AdapterComposition, router: DegradationRouter | None = None,
                  settings: RestorationSettings | None = None, tile: int = 256, overlap: int = 32,
-                 batch_size: int = 4, device: str = "cpu"):
+                 batch_size: int = 4, device: str = "cpu", engine: str = "torch"):
         if router is not None:
             router.check_adapters(composition.names)
         self.multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
@@ -235,6 +237,12 @@ class UniversalRestorer:
         self.router = router.to(self.device) if router is not None else None
         self.settings = settings or RestorationSettings()
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        if engine not in ("torch", "onnxruntime"):
+            raise ValueError(f"engine must be torch or onnxruntime, got {engine!r}")
+        if engine == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError("the onnxruntime engine runs on the CPU: use --device cpu")
+        self.engine = engine
+        self._onnx = None
 
     @classmethod
     def from_pretrained(cls, models: str | Path = "models", router: bool = True, **kwargs: Any) -> "UniversalRestorer":
@@ -308,9 +316,18 @@ class UniversalRestorer:
         """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another."""
         for mix in steps:
             vector = self.composition.weights_for(mix).to(self.device)
-            x = restore_tiled(lambda y: self.composition.restore(y, vector), x, self.multiple, self.tile,
+            x = restore_tiled(lambda y: self._network(y, vector), x, self.multiple, self.tile,
                               self.overlap, self.batch_size, self.device, on_tile)
         return x
+
+    def _network(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        if self.engine == "torch":
+            return self.composition.restore(y, vector)
+        if self._onnx is None:
+            from pipeline.models.export import OnnxEngine
+
+            self._onnx = OnnxEngine(self.composition)
+        return self._onnx.restore(y, vector)
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
         """Tiles restoring an image of ``image_shape`` (H, W, ...) in ``steps`` steps takes: for progress bars."""
