@@ -26,7 +26,7 @@ from pipeline.evaluation.methods import load_methods
 from pipeline.files import atomic_path, write_json
 from pipeline.models.restorer import RestorationSettings
 
-SECTIONS = ("quality", "speed", "storage", "growth")
+SECTIONS = ("quality", "speed", "engines", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="models")
     parser.add_argument("--testsets", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--images", type=int, default=4, help="images per test set (0: all)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS[:3]),
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["quality", "speed", "engines", "storage"],
                         help="growth: time a `dvc repro` after adding a degradation, in a clone (about 20 min)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         result["growth"] = speed.growth(params, result["training"])
         result["inference"] = speed.inference_speed(params, models, args.repeats)
         result["restore"] = speed.restore_end_to_end(models)
+    if "engines" in args.sections:
+        result["engines"] = speed.engine_speed(params, models, args.repeats, args.testsets)
+        result["engine_restore"] = speed.restore_by_engine(models)
     if "growth" in args.sections:
         result["growth_repro"] = growth.timed_repro(Path.cwd())
     if "quality" in args.sections:

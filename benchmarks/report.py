@@ -59,6 +59,20 @@ def markdown(result: dict) -> str:
         parts.append("\n**`UniversalRestorer.restore`** end to end (router, K=2, 256² tiles, one fresh process each)")
         parts.append(_table(["image", "seconds", "ms / MP", "RSS with models loaded, MB", "peak RSS while restoring, MB"],
                             rows))
+    if "engines" in result:
+        eng = result["engines"]
+        parts.append(f"\n**Engines** (one restoration step over {eng['batch']} tiles of {eng['tile']}², {eng['threads']} threads; "
+                     f"K=2 is a weight-space mix merged before the run; fraction of this machine's "
+                     f"{eng['matmul_gflops']:.0f} GFLOP/s fp32 matmul rate)")
+        rows = [[r["engine"], r["adapters"], f"{r['ms_per_megapixel']:.0f}", f"{r['fraction_of_matmul']:.2f}"] for r in eng["rows"]]
+        parts.append(_table(["engine", "adapters", "ms / MP", "of matmul rate"], rows))
+        if eng.get("int8_quality"):
+            parts.append("PSNR on Kodak24 at σ=25 (noise adapter, 24 images): " + ", ".join(
+                f"{label} {value:.2f} dB" for label, value in eng["int8_quality"].items()))
+        rows = [[r["engine"], f"{r['megapixels']:.0f} MP", f"{r['seconds']:.1f}", f"{r['ms_per_megapixel']:.0f}",
+                 f"{r['peak_rss_mb']:.0f}"] for r in result["engine_restore"]]
+        parts.append("\n**A 12 MP photo** through `UniversalRestorer.restore` (one adapter, 256² tiles, fresh process)")
+        parts.append(_table(["engine", "image", "seconds", "ms / MP", "peak RSS, MB"], rows))
     if "storage" in result:
         rows = [[r["model"], f"{r['megabytes']:.2f}", f"{r['parameters']:,}"] for r in result["storage"]]
         parts.append("\n**Storage**")

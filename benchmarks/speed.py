@@ -255,3 +255,119 @@ def growth(params: DictConfig, training: list[dict]) -> dict:
             "new_over_all_training": new / everything}
 
 
+
+
+def _int8_model(fp32: Path, out: Path, calibration: list[np.ndarray], timestep: int) -> Path:
+    """ONNX Runtime static int8 quantisation (QDQ, per-channel weights), calibrated on degraded tiles."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Tiles(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": tile[None], "timestep": np.array([timestep])} for tile in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32), str(out), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
+
+
+def engine_speed(params: DictConfig, models: Path, repeats: int, testsets: Path | None = None,
+                 tile: int = 256, batch: int = 4) -> dict:
+    """Milliseconds per megapixel of one restoration step over a batch of ``tile``² tiles: PyTorch eager
+    against ONNX Runtime (graph optimisations on, threads = torch's), fp32 and static int8, for one adapter
+    (K=1) and a two-adapter weight-space mix (K=2, merged before export: the same graph). With Kodak24
+    present, the PSNR int8 costs on it at σ=25 (noise adapter)."""
+    import tempfile
+
+    import onnxruntime
+
+    from pipeline.models.export import export_onnx
+
+    names = [n for n in params.degradations if (models / "loras" / n).is_dir()]
+    composition = AdapterComposition.from_pretrained(models / "backbone", {n: models / "loras" / n for n in names})
+    y = torch.rand(batch, 3, tile, tile) * 2 - 1
+    t = torch.full((batch,), 120)
+    megapixels = batch * tile * tile / 1e6
+    mixes = {"K=1": {names[0]: 1.0}, "K=2": {names[0]: 0.5, names[1]: 0.5}}
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        composition.restore(y, composition.weights_for(mixes["K=1"]))
+    flops = counter.get_total_flops()
+    matmul = matmul_gflops()
+    rows, quality = [], {}
+    rng = np.random.default_rng(0)
+    calibration = [np.clip(rng.random((3, tile, tile), dtype=np.float32) * 2 - 1, -1, 1) for _ in range(8)]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for k, mix in mixes.items():
+            vector = composition.weights_for(mix)
+            fp32 = export_onnx(composition, mix, Path(tmp) / f"{k}.onnx")
+            int8 = _int8_model(fp32, Path(tmp) / f"{k}-int8.onnx", calibration, 120)
+            feeds = {"image": y.numpy(), "timestep": t.numpy()}
+            sessions = {f"ONNX Runtime fp32": onnxruntime.InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"]),
+                        f"ONNX Runtime int8 (static, QDQ)": onnxruntime.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])}
+            variants = {"PyTorch eager": lambda: composition.restore(y, vector),
+                        **{label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}}
+            for label, fn in variants.items():
+                seconds = best_time(fn, repeats)
+                rows.append({"engine": label, "adapters": k, "ms_per_megapixel": 1000 * seconds / megapixels,
+                             "fraction_of_matmul": flops / seconds / 1e9 / matmul})
+            if k == "K=1" and testsets is not None and (testsets / "Kodak24").is_dir():
+                quality = _int8_quality(composition, sessions, testsets / "Kodak24")
+    return {"tile": tile, "batch": batch, "threads": torch.get_num_threads(), "matmul_gflops": matmul,
+            "adapter": names[0], "rows": rows, "int8_quality": quality}
+
+
+def _int8_quality(composition: AdapterComposition, sessions: dict, folder: Path) -> dict:
+    """Mean PSNR on Kodak24 with σ=25 noise (fixed seed per image) of each ONNX session (noise adapter's graph)."""
+    from benchmarks.testsets import gaussian_noise
+    from pipeline.images import read_image
+    from pipeline.models.restorer import restore_tiled
+
+    if composition.names[0] != "noise":
+        return {}
+    multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
+    scores = {label: [] for label in sessions}
+    for index, file in enumerate(sorted(folder.glob("*.png"))):
+        clean = read_image(file)[..., :3]
+        noisy = gaussian_noise(clean, 25, index)
+        x = torch.from_numpy(noisy).permute(2, 0, 1).float() / 255
+        for label, session in sessions.items():
+            def network(tiles, s=session):
+                timesteps = composition.timesteps(composition.weights_for({"noise": 1.0}), tiles)
+                return torch.from_numpy(s.run(None, {"image": tiles.numpy(), "timestep": timesteps.numpy()})[0])
+
+            restored = (restore_tiled(network, x, multiple) * 255).round().permute(1, 2, 0).numpy()
+            scores[label].append(10 * np.log10(255.0**2 / np.mean((restored - clean) ** 2)))
+    return {label: float(np.mean(v)) for label, v in scores.items()}
+
+
+def _restore_engine_peak(models: str, height: int, width: int, engine: str, queue) -> None:
+    from pipeline.models.restorer import UniversalRestorer
+
+    restorer = UniversalRestorer.from_pretrained(models, engine=engine)
+    image = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    restorer.restore(image[:256, :256], weights={restorer.names[0]: 1.0})  # ONNX export and session set-up
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    restorer.restore(image, weights={restorer.names[0]: 1.0})
+    seconds = time.perf_counter() - start
+    queue.put({"engine": engine, "megapixels": height * width / 1e6, "seconds": seconds,
+               "ms_per_megapixel": 1000 * seconds / (height * width / 1e6), "peak_rss_mb": _status_mb("VmHWM")})
+
+
+def restore_by_engine(models: Path, size: tuple[int, int] = (3000, 4000)) -> list[dict]:
+    """A 12 MP photo through ``UniversalRestorer.restore`` (one adapter, 256² tiles) with each engine, each in
+    a fresh process (its own peak memory); the one-off ONNX export is done before the clock starts."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for engine in ("torch", "onnxruntime"):
+        queue = context.Queue()
+        process = context.Process(target=_restore_engine_peak, args=(str(models), *size, engine, queue))
+        process.start()
+        rows.append(queue.get())
+        process.join()
+    return rows

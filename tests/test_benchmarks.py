@@ -86,9 +86,14 @@ def test_report_renders_every_section():
                       "variants": [{"variant": "K=1", "ms_per_megapixel": 500, "gflops_per_second": 20, "fraction_of_matmul": 0.2}]},
         "restore": [{"side": 1024, "seconds": 1, "ms_per_megapixel": 950, "rss_loaded_mb": 800, "peak_rss_mb": 900}],
         "storage": [{"model": "backbone", "megabytes": 2.5, "parameters": 620000}],
+        "engines": {"tile": 256, "batch": 4, "threads": 2, "matmul_gflops": 100, "adapter": "noise",
+                    "rows": [{"engine": "ONNX Runtime fp32", "adapters": "K=2", "ms_per_megapixel": 812, "fraction_of_matmul": 0.3}],
+                    "int8_quality": {"ONNX Runtime fp32": 30.0, "ONNX Runtime int8 (static, QDQ)": 29.5}},
+        "engine_restore": [{"engine": "onnxruntime", "megapixels": 12, "seconds": 10, "ms_per_megapixel": 833, "peak_rss_mb": 700}],
     }
     text = markdown(result)
-    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²"):
+    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²",
+                   "| ONNX Runtime fp32 | K=2 | 812 |", "int8 (static, QDQ) 29.50 dB", "| onnxruntime | 12 MP | 10.0 | 833 | 700 |"):
         assert needle in text
 
 
@@ -102,3 +107,11 @@ def test_growth_adds_one_degradation_trained_like_noise():
     assert set(grown["degradations"]) == set(params["degradations"]) | {NEW}
     assert grown["degradations"][NEW]["adapter"] == params["degradations"]["noise"]["adapter"]
     assert NEW not in params["degradations"], "the input is left alone"
+
+
+def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_models, params):
+    pytest.importorskip("onnxruntime")
+    result = speed.engine_speed(params, tiny_models, repeats=1, tile=32, batch=1)
+    assert {(r["engine"], r["adapters"]) for r in result["rows"]} == {
+        (e, k) for e in ("PyTorch eager", "ONNX Runtime fp32", "ONNX Runtime int8 (static, QDQ)") for k in ("K=1", "K=2")}
+    assert all(r["ms_per_megapixel"] > 0 for r in result["rows"])
