@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -96,6 +96,3 @@ def blur_kernel(degradation: Degradation) -> np.ndarray:
     kernel = np.asarray(kernels[0], dtype=np.float64)
     kernel = np.outer(kernel, kernel) if kernel.ndim == 1 else kernel
     return kernel / kernel.sum()
-
-
-Method = Callable[[Case], np.ndarray]
