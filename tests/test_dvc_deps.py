@@ -75,3 +75,31 @@ def test_the_closure_sees_function_level_and_transitive_imports():
     closure = import_closure("pipeline.stages.evaluate")
     assert {"pipeline/models/restorer.py", "pipeline/models/composition.py", "pipeline/__init__.py"} <= closure
     assert "pipeline/stages/train_lora.py" not in closure
+
+
+# The package's layers, lowest first: a module imports its own layer and the ones below, never above.
+LAYERS = [
+    {"pipeline", "pipeline.files", "pipeline.images", "pipeline.schema", "pipeline.config", "pipeline.tracking"},
+    {"pipeline.data"},
+    {"pipeline.models"},
+    {"pipeline.training"},
+    {"pipeline.evaluation"},
+    {"pipeline.stages"},
+    {"pipeline.cli", "pipeline.restore_cli"},
+]
+
+
+def _layer(module: str) -> int:
+    for prefix in (module, module.rpartition(".")[0]):
+        for index, members in enumerate(LAYERS):
+            if prefix in members:
+                return index
+    raise KeyError(f"{module} is in no layer: add it to LAYERS")
+
+
+@pytest.mark.parametrize("file", sorted(p.relative_to(ROOT) for p in (ROOT / "pipeline").rglob("*.py")), ids=str)
+def test_no_module_imports_upward(file):
+    module = ".".join(file.with_suffix("").parts).removesuffix(".__init__")
+    own = _layer(module)
+    upward = sorted(m for m in _imported_modules(ROOT / file, module) if _module_file(m) and _layer(m) > own)
+    assert not upward, f"{module} (layer {own}) imports {upward} from above"
