@@ -24,7 +24,6 @@ from benchmarks.testsets import DEFAULT_ROOT, benchmarks
 from pipeline.config import load_params
 from pipeline.evaluation.methods import load_methods
 from pipeline.files import atomic_path, write_json
-from pipeline.models.restorer import RestorationSettings
 
 SECTIONS = ("quality", "speed", "engines", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         sets, skipped = benchmarks(args.testsets, degradations, mixes, args.images)
         for line in skipped:
             print(f"benchmarks: skipped {line}")
-        methods, _ = load_methods(models, RestorationSettings.from_params(params.restoration))
+        methods, _ = load_methods(models)  # the settings `uir restore` uses
         result["quality"] = quality.run(sets, methods, classical=not args.no_classical)
         result["skipped"] = skipped
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})

@@ -14,7 +14,7 @@ from benchmarks.classical import methods_for
 from benchmarks.testsets import Benchmark, Case
 from pipeline.evaluation.methods import Method
 
-SHOWN = {"uir_lora": "UIR-LoRA (as `uir restore`)", "oracle_lora": "oracle LoRA", "multitask": "multi-task"}
+SHOWN = {"uir_lora": "UIR-LoRA (as `uir restore`)", "oracle_sequential": "oracle LoRA", "multitask": "multi-task"}
 
 
 def network_methods(methods: list[Method]) -> dict[str, Callable[[Case], np.ndarray]]:

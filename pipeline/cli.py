@@ -16,7 +16,7 @@ import sys
 from pipeline.restore_cli import export_main, info_main, restore_main
 
 STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "train_lora", "train_multitask",
-          "train_shared_lora", "fit_router", "evaluate")
+          "train_shared_lora", "fit_router", "select_restoration", "evaluate")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     forced = restore.add_mutually_exclusive_group()
     forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
     forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
-    # Defaults: `restoration` in ./params.yaml when there is one, else pipeline.models.restorer.RestorationSettings.
+    # Defaults: the models folder's restoration.json (chosen on validation), else RestorationSettings' defaults.
     restore.add_argument("--policy", choices=["top1", "gated", "topk"], default=None,
                          help="routing: top1, gated (a second adapter only for a detected mix) or topk (the paper's)")
     restore.add_argument("--top-k", type=int, default=None, help="adapters kept by topk, and at most by gated")

@@ -118,14 +118,14 @@ def resolve_engine(engine: str, device: str) -> str:
 
 
 def restoration_settings(args: argparse.Namespace):
-    """``restoration`` of ``params.yaml`` when the working folder has one, overridden by the flags."""
-    from omegaconf import OmegaConf
+    """The models folder's settings (``restoration.json``, chosen on validation by ``select_restoration``),
+    else the built-in defaults; the flags override them."""
+    from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings
 
-    from pipeline.models.restorer import RestorationSettings
-
-    section = OmegaConf.to_container(OmegaConf.load("params.yaml")).get("restoration", {}) if Path("params.yaml").is_file() else {}
-    return RestorationSettings.from_params(section, policy=args.policy, top_k=args.top_k, composition=args.composition,
-                                           unknown=args.unknown, mix_threshold=args.mix_threshold)
+    overrides = dict(policy=args.policy, top_k=args.top_k, composition=args.composition, unknown=args.unknown,
+                     mix_threshold=args.mix_threshold)
+    file = Path(args.models) / SETTINGS_FILE
+    return RestorationSettings.load(file, **overrides) if file.is_file() else RestorationSettings.from_params({}, **overrides)
 
 
 def restore_main(args: argparse.Namespace) -> int:

@@ -150,8 +150,18 @@ class Router(Strict):
     train: RouterTrain
 
 
+class RestorationChoice(Strict):
+    """One candidate of ``restoration.candidates``: overrides of the fields of ``restoration``."""
+
+    policy: Literal["top1", "gated", "topk"] = None
+    top_k: int = Field(default=None, ge=1)
+    mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    composition: Literal["sequential", "weights"] = None
+
+
 class Restoration(Strict):
-    """Inference-only choices: read by ``evaluate`` and ``uir restore``, never by a training stage."""
+    """Inference-only choices: read by ``select_restoration``, ``evaluate`` and ``uir restore``, never by a
+    training stage."""
 
     policy: Literal["top1", "gated", "topk"]
     top_k: int = PositiveInt
@@ -159,6 +169,8 @@ class Restoration(Strict):
     composition: Literal["sequential", "weights"]
     unknown: Literal["identity", "route"]
     undo_order: list[str]
+    choose_on_validation: bool
+    candidates: list[RestorationChoice]
 
 
 class Evaluate(Strict):

@@ -131,7 +131,7 @@ def test_changing_one_degradation_invalidates_only_its_stages(smoke_repo):
     assert not {s for s in changed if s.startswith("train_lora@")}, "no other adapter retrains"
     # the mixes, and whatever reads every degradation's definition (baselines on the union, router, evaluation)
     assert changed == {"synthesize@jpeg", "synthesize_mixed", "train_multitask", "train_shared_lora", "fit_router",
-                       "evaluate"}
+                       "select_restoration", "evaluate"}
 
 
 def test_models_are_on_disk_in_their_formats(smoke_repo):
@@ -163,8 +163,8 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
         assert list((repo / pointer["dir"]).glob("*.wandb")), stage
 
 
-METHODS = ["input", "oracle_lora", "uir_lora", "uir_lora_sequential", "uir_lora_weights", "uir_lora_paper",
-           "multitask", "shared_lora"]
+METHODS = ["input", "oracle_sequential", "oracle_weights", "uir_lora", "uir_lora_top1", "uir_lora_gated_sequential",
+           "uir_lora_gated_weights", "uir_lora_paper", "multitask", "shared_lora"]
 
 
 def test_evaluation_writes_every_output(smoke_repo):
@@ -175,7 +175,12 @@ def test_evaluation_writes_every_output(smoke_repo):
         assert list(metrics[kind]) == METHODS
         assert all({"psnr", "ssim"} == set(v) for v in metrics[kind].values())
     assert 0 <= metrics["router"]["top1_accuracy"] <= 1 and 0 <= metrics["router"]["mix_recall"] <= 1
-    assert metrics["restoration"]["policy"] == params["restoration"]["policy"]
+    selection = json.loads((repo / "reports/select_restoration.json").read_text())
+    chosen = selection["candidates"][selection["chosen"]]
+    assert chosen["mean_psnr"] == max(c["mean_psnr"] for c in selection["candidates"]), "the best on validation ships"
+    assert len(selection["candidates"]) == len(params["restoration"]["candidates"])
+    assert metrics["restoration"]["policy"] == chosen["settings"]["policy"] == \
+        json.loads((repo / "models/restoration.json").read_text())["policy"]
     single = (repo / "reports/single.csv").read_text().splitlines()
     mixed = (repo / "reports/mixed.csv").read_text().splitlines()
     assert single[0].split(",") == ["set", *METHODS]
@@ -251,13 +256,14 @@ def test_a_baseline_is_added_by_touching_two_files(smoke_repo):
         _dvc("repro", cwd=repo, env=env)
 
 
-def test_an_inference_setting_reruns_only_the_evaluation(smoke_repo):
+def test_an_inference_setting_reruns_only_the_selection_and_the_evaluation(smoke_repo):
     repo, env = smoke_repo
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "--allow-empty", "-m", "smoke baseline"], repo, env)
     # DVC composes conf/ afresh for every experiment: the profile must be named again.
-    out = _dvc("exp", "run", "-S", "profile=smoke", "-S", "restoration.policy=topk", cwd=repo, env=env).stdout
-    assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == {"evaluate"}
+    out = _dvc("exp", "run", "-S", "profile=smoke", "-S", "restoration.choose_on_validation=false", cwd=repo, env=env).stdout
+    assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == \
+        {"select_restoration", "evaluate"}
     diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
     assert "reports/headline.json" in diff and "uir_mix" in diff
 

@@ -134,6 +134,8 @@ def test_router_must_route_to_the_loaded_adapters(tiny_models):
 
 
 def _run_cli(args, capsys):
+    if args[0] == "restore" and "--engine" not in args:
+        args = [*args, "--engine", "torch"]  # the ONNX engine has its own tests (test_export.py)
     try:
         uir(args)
         code = 0
@@ -276,3 +278,29 @@ def test_gray_with_alpha_and_flat_arrays_keep_their_shape(restorer, tmp_path):
     write_image(tmp_path / "out.png", restorer.restore(read_image(tmp_path / "la.png"), weights={"noise": 1.0}))
     assert Image.open(tmp_path / "out.png").mode == "LA"
     assert restorer.restore(Image.open(tmp_path / "la.png"), weights={"noise": 1.0}).mode == "LA"
+
+
+def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path):
+    from pipeline.evaluation.selection import PairedImages, choose, mean_psnr
+    from pipeline.models.restorer import SETTINGS_FILE
+
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
+    sets = [PairedImages("noise", "single", [rgb(32, 32, seed=1)], [rgb(32, 32, seed=2)]),
+            PairedImages("noise+blur", "mixed", [rgb(32, 48, seed=3)], [rgb(32, 48, seed=4)])]
+    candidates = [{"policy": "top1"}, {"policy": "topk", "composition": "weights"}, {"policy": "gated", "mix_threshold": 0.0}]
+    chosen, rows, best = choose(restorer, RestorationSettings(), candidates, sets)
+    expected = [np.mean(list(mean_psnr(restorer.with_settings(**{"composition": "sequential", **c}), sets).values()))
+                for c in candidates]
+    assert [r["mean_psnr"] for r in rows] == pytest.approx(expected)
+    assert best == int(np.argmax(expected)) and chosen.policy == candidates[best]["policy"]
+    chosen.save(tmp_path / SETTINGS_FILE)
+    assert RestorationSettings.load(tmp_path / SETTINGS_FILE) == chosen
+
+
+def test_the_models_folder_settings_are_what_restore_uses(tiny_models, tmp_path):
+    from pipeline.models.restorer import SETTINGS_FILE
+
+    shutil.copytree(tiny_models, tmp_path / "models")
+    RestorationSettings(policy="topk", composition="weights", top_k=2).save(tmp_path / "models" / SETTINGS_FILE)
+    assert UniversalRestorer.from_pretrained(tmp_path / "models").settings.policy == "topk"
+    assert UniversalRestorer.from_pretrained(tmp_path / "models", settings=RestorationSettings()).settings.policy == "gated"

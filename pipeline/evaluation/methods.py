@@ -1,9 +1,10 @@
 """The methods the evaluation compares, each a function from one degraded image (H×W×3 uint8) and its true
 degradation (``noise``, ``noise+blur``) to the restored image, all through the restorer's one path.
 
-UIR-LoRA is ``UniversalRestorer.restore`` exactly as ``uir restore`` runs it (settings, unknown-degradation
-fallback included), plus its variants: each composition under the configured policy, and the paper's
-top-K weight-space mix. A baseline is data: every ``models/baselines/<name>/`` folder with a
+UIR-LoRA is ``UniversalRestorer.restore`` exactly as ``uir restore`` runs it (the settings chosen on
+validation, unknown-degradation fallback included), beside its variants — top-1 routing; gated routing
+with each composition; the paper's top-K weight-space mix — and the oracle (the true adapters) with each
+composition. A baseline is data: every ``models/baselines/<name>/`` folder with a
 ``restoration.json`` (``kind``: ``unet`` for a full UNet2DModel, ``lora`` for a PEFT adapter on the
 backbone; ``t_star``; ``label``) is evaluated, so adding one takes its stage, its params and its
 ``dvc.yaml`` entry.
@@ -63,21 +64,29 @@ def baseline_method(folder: ModelsFolder, name: str, multiple: int, device: str 
     return Method(name, settings.get("label", name), restore)
 
 
-def load_methods(models: str | Path, settings: RestorationSettings, device: str = "cpu") -> tuple[list[Method], UniversalRestorer]:
-    """Every compared method, in report order, and the UIR-LoRA restorer they share."""
+def load_methods(models: str | Path, settings: RestorationSettings | None = None,
+                 device: str = "cpu") -> tuple[list[Method], UniversalRestorer]:
+    """Every compared method, in report order, and the UIR-LoRA restorer they share (``settings``: default
+    the models folder's, as ``uir restore`` uses them)."""
     folder = ModelsFolder(models)
     restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device)
-    variants = {name: restorer.with_settings(composition=name) for name in ("sequential", "weights")}
-    paper = restorer.with_settings(policy="topk", composition="weights")
+    shipped = restorer.settings
+    variants = {
+        "uir_lora_top1": ("UIR-LoRA, top-1 routing", restorer.with_settings(policy="top1")),
+        **{f"uir_lora_gated_{c}": (f"UIR-LoRA, gated routing, {c} mixing", restorer.with_settings(policy="gated", composition=c))
+           for c in ("sequential", "weights")},
+        "uir_lora_paper": (f"UIR-LoRA as in the paper (top-{shipped.top_k}, weight-space mixing)",
+                           restorer.with_settings(policy="topk", composition="weights")),
+    }
+    oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights")}
+    threshold = "" if shipped.policy != "gated" else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
     methods = [
         Method("input", "degraded input", lambda image, truth: image),
-        Method("oracle_lora", "oracle LoRA (true adapters)", lambda image, truth: restorer.restore(image, weights=oracle_weights(truth))),
-        Method("uir_lora", f"**UIR-LoRA** ({settings.policy}, {settings.composition}) = `uir restore`",
+        *[Method(f"oracle_{c}", f"oracle: the true adapters, {c} mixing",
+                 lambda image, truth, r=r: r.restore(image, weights=oracle_weights(truth))) for c, r in oracles.items()],
+        Method("uir_lora", f"**UIR-LoRA** as shipped ({shipped.policy}{threshold}, {shipped.composition} mixing)",
                lambda image, truth: restorer.restore(image)),
-        *[Method(f"uir_lora_{name}", f"UIR-LoRA, {settings.policy} routing, {name} mixing",
-                 lambda image, truth, r=variant: r.restore(image)) for name, variant in variants.items()],
-        Method("uir_lora_paper", f"UIR-LoRA as in the paper (top-{settings.top_k}, weight-space mixing)",
-               lambda image, truth: paper.restore(image)),
+        *[Method(name, label, lambda image, truth, r=r: r.restore(image)) for name, (label, r) in variants.items()],
     ]
     methods += [baseline_method(folder, name, restorer.multiple, device) for name in folder.baseline_names()]
     return methods, restorer

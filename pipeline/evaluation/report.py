@@ -36,7 +36,7 @@ def headline(metrics: dict) -> dict[str, float | None]:
         return round(value["psnr"], 2) if value else None
 
     router = metrics["router"]
-    return {"uir": psnr("single", "uir_lora"), "mt": psnr("single", "multitask"), "oracle": psnr("single", "oracle_lora"),
+    return {"uir": psnr("single", "uir_lora"), "mt": psnr("single", "multitask"), "oracle": psnr("single", "oracle_sequential"),
             "uir_mix": psnr("mixed", "uir_lora"), "mt_mix": psnr("mixed", "multitask"),
             "top1": round(router["top1_accuracy"], 3),
             "recall": None if router["mix_recall"] is None else round(router["mix_recall"], 3)}

@@ -28,6 +28,7 @@ from pipeline.models.folder import ModelsFolder
 from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
 
 MIN_SIDE = 16
+SETTINGS_FILE = "restoration.json"  # in the models folder: the settings `select_restoration` chose
 COMPOSITIONS = ("sequential", "weights")
 UNKNOWN = ("identity", "route")
 
@@ -67,6 +68,17 @@ class RestorationSettings:
             if not ok:
                 raise ValueError(message)
         object.__setattr__(self, "undo_order", tuple(self.undo_order))
+
+    def save(self, path: str | Path) -> None:
+        from pipeline.files import write_json
+
+        write_json(path, {**self.__dict__, "undo_order": list(self.undo_order)})
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "RestorationSettings":
+        import json
+
+        return cls.from_params(json.loads(Path(path).read_text()), **overrides)
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any], **overrides: Any) -> "RestorationSettings":
@@ -245,13 +257,18 @@ class UniversalRestorer:
         self._onnx = None
 
     @classmethod
-    def from_pretrained(cls, models: str | Path = "models", router: bool = True, **kwargs: Any) -> "UniversalRestorer":
-        """Load a models folder as the DVC pipeline writes it; ``router=False`` loads every adapter present and
-        no router (forced mixes only)."""
+    def from_pretrained(cls, models: str | Path = "models", router: bool = True,
+                        settings: RestorationSettings | None = None, **kwargs: Any) -> "UniversalRestorer":
+        """Load a models folder as the DVC pipeline writes it, with the settings ``select_restoration`` chose
+        (``models/restoration.json``) unless ``settings`` are given; ``router=False`` loads every adapter
+        present and no router (forced mixes only)."""
         folder = ModelsFolder(models)
         names = folder.check(router=router)
+        if settings is None and (folder.root / SETTINGS_FILE).is_file():
+            settings = RestorationSettings.load(folder.root / SETTINGS_FILE)
         composition = AdapterComposition.from_pretrained(folder.backbone, {n: folder.lora(n) for n in names})
-        return cls(composition, DegradationRouter.from_pretrained(folder.router) if router else None, **kwargs)
+        return cls(composition, DegradationRouter.from_pretrained(folder.router) if router else None,
+                   settings=settings, **kwargs)
 
     @property
     def names(self) -> list[str]:

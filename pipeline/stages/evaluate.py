@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.evaluation.report import confusion_chart, headline, mean_table, per_set_table, psnr_chart, sample_grid, write_csv
     from pipeline.files import read_jsonl, write_json
     from pipeline.images import read_image, write_image
-    from pipeline.models.restorer import RestorationSettings
     from pipeline.tracking import finish, make_logger
     from pipeline.training.trainer import configure_threads
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     names = list(params.degradations)
     reports = Path(args.reports)
-    settings = RestorationSettings.from_params(params.restoration)
-    methods, restorer = load_methods(args.models, settings)
+    methods, restorer = load_methods(args.models)  # the settings select_restoration chose on validation
+    settings = restorer.settings
     sets = [(d, "single", Path(args.data) / d / "test") for d in names]
     sets += [("+".join(m), "mixed", Path(args.mixed) / "+".join(m) / "test") for m in params.mixed]
 

@@ -1,0 +1,65 @@
+"""Choosing how UIR-LoRA restores on validation data: each candidate of ``restoration.candidates`` restores
+every validation set, single and mixed, exactly as ``uir restore`` would; the best mean PSNR (each set
+weighing the same) is shipped as ``models/restoration.json``. The test sets are never looked at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.files import read_jsonl
+from pipeline.images import read_image
+from pipeline.models.restorer import RestorationSettings, UniversalRestorer
+
+
+@dataclass
+class PairedImages:
+    """A synthesized split as uint8 arrays: degraded, clean, and the true degradation's name."""
+
+    name: str
+    kind: str  # single | mixed
+    degraded: list[np.ndarray]
+    clean: list[np.ndarray]
+
+
+def load_sets(data: str | Path, mixed: str | Path, names: Sequence[str], mixes: Sequence[Sequence[str]],
+              split: str) -> list[PairedImages]:
+    sets = [(d, "single", Path(data) / d / split, "synthesize") for d in names]
+    sets += [("+".join(m), "mixed", Path(mixed) / "+".join(m) / split, "synthesize_mixed") for m in mixes]
+    loaded = []
+    for name, kind, folder, stage in sets:
+        records = read_jsonl(folder / "manifest.jsonl", stage)
+        loaded.append(PairedImages(name, kind, [read_image(folder / r["lq"]) for r in records],
+                                   [read_image(folder / r["gt"]) for r in records]))
+    return loaded
+
+
+def psnr(restored: np.ndarray, clean: np.ndarray) -> float:
+    mse = np.mean((restored.astype(np.float64) - clean.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def mean_psnr(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> dict[str, float]:
+    """Per set, the mean PSNR of ``restorer.restore`` (its own routing, policy and fallback)."""
+    return {s.name: float(np.mean([psnr(restorer.restore(lq), gt) for lq, gt in zip(s.degraded, s.clean)]))
+            for s in sets}
+
+
+def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: Sequence[Mapping[str, Any]],
+           sets: Sequence[PairedImages]) -> tuple[RestorationSettings, list[dict], int]:
+    """The candidate (overrides of ``base``) with the best mean validation PSNR, every candidate's scores, and
+    the index of the chosen one."""
+    rows = []
+    for overrides in candidates:
+        settings = RestorationSettings(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        per_set = mean_psnr(restorer.with_settings(**settings.__dict__), sets)
+        single = [v for s, v in per_set.items() if next(x.kind for x in sets if x.name == s) == "single"]
+        mixed = [v for s, v in per_set.items() if next(x.kind for x in sets if x.name == s) == "mixed"]
+        rows.append({"settings": {**settings.__dict__, "undo_order": list(settings.undo_order)},
+                     "mean_psnr": float(np.mean(list(per_set.values()))), "single_psnr": float(np.mean(single)),
+                     "mixed_psnr": float(np.mean(mixed)) if mixed else None, "per_set": per_set})
+    best = max(range(len(rows)), key=lambda i: rows[i]["mean_psnr"])
+    return RestorationSettings.from_params(rows[best]["settings"]), rows, best

@@ -1,0 +1,54 @@
+"""DVC stage ``select_restoration``: how UIR-LoRA restores (routing policy, mix threshold, composition),
+chosen on the validation sets, single and mixed; the test sets are never read.
+
+Writes ``<models>/restoration.json`` (what ``uir restore`` and ``evaluate`` then use) and
+``reports/select_restoration.json`` (every candidate's validation PSNR, per set).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import stage_params
+
+STAGE = "select_restoration"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/degraded")
+    parser.add_argument("--mixed", default="data/mixed")
+    parser.add_argument("--models", default="models")
+    parser.add_argument("--report", default=f"reports/{STAGE}.json")
+    args = parser.parse_args(argv)
+    params = stage_params(args.params)
+
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.evaluation.selection import choose, load_sets
+    from pipeline.files import write_json
+    from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings, UniversalRestorer
+    from pipeline.training.trainer import configure_threads
+
+    configure_threads(params.trainer)
+    torch.set_grad_enabled(False)
+    base = RestorationSettings.from_params(params.restoration)
+    candidates = OmegaConf.to_container(params.restoration.candidates) if params.restoration.choose_on_validation else [{}]
+    restorer = UniversalRestorer.from_pretrained(args.models, settings=base)
+    sets = load_sets(args.data, args.mixed, list(params.degradations), params.mixed, "val")
+    chosen, rows, best = choose(restorer, base, candidates, sets)
+    chosen.save(Path(args.models) / SETTINGS_FILE)
+    write_json(args.report, {"chosen": best, "candidates": rows})
+    for row in rows:
+        s = row["settings"]
+        print(f"{STAGE}: {s['policy']:<5} {s['composition']:<10} mix threshold {s['mix_threshold']}: val PSNR "
+              f"{row['mean_psnr']:.2f} (single {row['single_psnr']:.2f}, mixed {row['mixed_psnr'] or float('nan'):.2f})")
+    print(f"{STAGE}: chose {chosen}")
+
+
+if __name__ == "__main__":
+    main()
