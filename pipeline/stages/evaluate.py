@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     sets += [("+".join(m), "mixed", Path(args.mixed) / "+".join(m) / "test") for m in params.mixed]
 
     def as_tensor(image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        return torch.tensor(image).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays are read-only
 
     rows, samples = [], {}
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
