@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,7 +20,9 @@ from pipeline.models.adapters import attach_lora, lora_config, merged_lora_forwa
 from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.composition import AdapterComposition
 from pipeline.models.router import DegradationRouter, RouterConfig
+from pipeline.training.backbone import ddpm_loss
 from pipeline.training.restoration import charbonnier
+from pipeline.training.router import router_loss
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -75,9 +76,7 @@ def training_throughput(params: DictConfig, models: Path, repeats: int) -> list[
     clean = torch.rand(train.batch_size, 3, train.patch_size, train.patch_size) * 2 - 1
 
     def ddpm_step():
-        noise = torch.randn_like(clean)
-        t = torch.randint(0, readout.num_timesteps, (clean.shape[0],))
-        F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise).backward()
+        ddpm_loss(unet, scheduler, clean).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -121,7 +120,7 @@ def training_throughput(params: DictConfig, models: Path, repeats: int) -> list[
     target = torch.softmax(torch.randn(cfg.train.batch_size, len(names)), -1)
 
     def router_step():
-        (-(target * router(images).log_softmax(-1)).sum(-1).mean()).backward()
+        router_loss(router, images, target).backward()
         optimizer_r.step()
         optimizer_r.zero_grad(set_to_none=True)
 

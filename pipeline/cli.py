@@ -20,7 +20,7 @@ STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "tra
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from pipeline.data.datasets import to_uint8
+    from pipeline.data.tensors import to_uint8
     from pipeline.images import tile, write_image
     from pipeline.models.backbone import load_backbone
     from pipeline.models.sampling import sample

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch.utils.data import ConcatDataset
 
-    from pipeline.data.datasets import D4Augmented, LabelledImages, ShuffledD4Sampler, evaluation_loader, training_loader
+    from pipeline.data.datasets import D4Augmented, LabelledImages
+    from pipeline.data.loaders import ShuffledD4Sampler, evaluation_loader, training_loader
     from pipeline.files import write_json
     from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
     from pipeline.tracking import finish, log_model_folder, make_logger

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = stage_params(args.params)
 
-    from pipeline.data.datasets import CleanPatchDataModule, to_uint8
+    from pipeline.data.datasets import CleanPatchDataModule
+    from pipeline.data.tensors import to_uint8
     from pipeline.files import atomic_dir, write_json
     from pipeline.images import tile, write_image
     from pipeline.models.backbone import build_scheduler, build_unet, count_parameters, load_backbone, save_backbone

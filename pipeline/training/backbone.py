@@ -15,6 +15,13 @@ from pipeline.models.backbone import OneStepReadout
 from pipeline.training.schedules import warmup_cosine
 
 
+def ddpm_loss(unet: UNet2DModel, scheduler: DDPMScheduler, clean: torch.Tensor) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps (noise and timesteps from the global RNG)."""
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    return F.mse_loss(unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise)
+
+
 class BackboneDDPM(L.LightningModule):
     """Trains ``unet`` to predict the noise added at a uniformly drawn timestep.
 
@@ -42,10 +49,7 @@ class BackboneDDPM(L.LightningModule):
         return self.ema.module
 
     def training_step(self, clean: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.readout.num_timesteps, (clean.shape[0],), device=clean.device)
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(self.unet(noisy, timesteps).sample, noise)
+        loss = ddpm_loss(self.unet, self.scheduler, clean)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

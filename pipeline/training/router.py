@@ -8,10 +8,16 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from pipeline.data.datasets import LabelledImages, to_tensor
+from pipeline.data.datasets import LabelledImages
+from pipeline.data.tensors import to_tensor
 from pipeline.data.synthesis import load_clean, mixed_patches
 from pipeline.models.router import DegradationRouter, top_k_weights
 from pipeline.training.schedules import warmup_cosine
+
+
+def router_loss(router: DegradationRouter, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions."""
+    return -(targets * router(images).log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
 class RouterTraining(L.LightningModule):
@@ -23,7 +29,7 @@ class RouterTraining(L.LightningModule):
         self.recall = MeanMetric()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = -(batch["target"] * self.router(batch["image"]).log_softmax(dim=-1)).sum(dim=-1).mean()
+        loss = router_loss(self.router, batch["image"], batch["target"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

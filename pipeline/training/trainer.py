@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.datasets import ResumableBatchSampler
+from pipeline.data.loaders import ResumableBatchSampler
 from pipeline.files import write_json
 
 LAST_CHECKPOINT = "last.ckpt"
