@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.evaluation.methods import load_methods
     from pipeline.evaluation.report import confusion_chart, headline, mean_table, per_set_table, psnr_chart, sample_grid, write_csv
-    from pipeline.files import read_jsonl, write_json
-    from pipeline.images import read_image, write_image
+    from pipeline.evaluation.selection import load_sets
+    from pipeline.files import write_json
+    from pipeline.images import write_image
     from pipeline.tracking import finish, make_logger
     from pipeline.training.trainer import configure_threads
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = Path(args.reports)
     methods, restorer = load_methods(args.models)  # the settings select_restoration chose on validation
     settings = restorer.settings
-    sets = [(d, "single", Path(args.data) / d / "test") for d in names]
-    sets += [("+".join(m), "mixed", Path(args.mixed) / "+".join(m) / "test") for m in params.mixed]
+    sets = load_sets(args.data, args.mixed, names, params.mixed, "test")
 
     def as_tensor(image: np.ndarray) -> torch.Tensor:
         return torch.tensor(image).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays are read-only
@@ -55,11 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     rows, samples = [], {}
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     recall, unknown, adapters_used = [], [], {"single": [], "mixed": []}
-    for set_name, kind, folder in tqdm(sets, desc=STAGE, unit="set"):
-        records = read_jsonl(folder / "manifest.jsonl", "synthesize" if kind == "single" else "synthesize_mixed")
+    for test_set in tqdm(sets, desc=STAGE, unit="set"):
+        set_name, kind = test_set.name, test_set.kind
         components = set_name.split("+")
-        for index, record in enumerate(records):
-            lq, gt = read_image(folder / record["lq"]), read_image(folder / record["gt"])
+        for index, (lq, gt) in enumerate(zip(test_set.degraded, test_set.clean)):
             analysis = restorer.analyse(lq)
             unknown.append(analysis.unknown)
             adapters_used[kind].append(len(analysis.weights))
