@@ -243,7 +243,14 @@ def info_main(args: argparse.Namespace) -> int:
         info["adapters"][name] = {"rank": config["r"], "alpha": config["lora_alpha"],
                                   "targets": sorted(config["target_modules"]), "parameters": params,
                                   "of_backbone": round(params / backbone_params, 4),
-                                  "t_star": read_restoration_settings(folder)["t_star"]}
+                                  "t_star": read_restoration_settings(folder)["t_star"],
+                                  "timestep": read_restoration_settings(folder).get("timestep", "fixed")}
+    from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings
+
+    settings_file = models / SETTINGS_FILE
+    settings = RestorationSettings.load(settings_file) if settings_file.is_file() else RestorationSettings()
+    info["restoration"] = {**settings.__dict__, "undo_order": list(settings.undo_order),
+                           "source": str(settings_file) if settings_file.is_file() else "built-in defaults"}
     router = DegradationRouter.from_pretrained(models / "router")
     info["router"] = {"prototypes": router.config.prototypes, "degradations": router.names,
                       "mix_threshold": round(router.config.mix_threshold, 4), "temperature": router.config.temperature,
@@ -256,9 +263,13 @@ def info_main(args: argparse.Namespace) -> int:
     print(f"backbone  UNet2DModel {b['block_out_channels']} x{b['layers_per_block']}, {b['parameters'] / 1e6:.2f} M parameters")
     for name, a in info["adapters"].items():
         print(f"adapter   {name:<10} rank {a['rank']:>3}  {a['parameters'] / 1e3:8.1f} k parameters "
-              f"({100 * a['of_backbone']:.1f}% of backbone)  t*={a['t_star']}  targets {','.join(a['targets'])}")
+              f"({100 * a['of_backbone']:.1f}% of backbone)  "
+              f"{'t(σ̂)' if a['timestep'] == 'noise_sigma' else 't*=' + str(a['t_star'])}  targets {','.join(a['targets'])}")
     r = info["router"]
     print(f"router    {r['prototypes']} prototypes for {', '.join(r['degradations'])}; mix threshold {r['mix_threshold']}, "
           f"temperature {r['temperature']}, unknown below {r['unknown_threshold']}")
+    s = info["restoration"]
+    print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")
+          + f", {s['composition']} mixing, unknown: {s['unknown']}  ({s['source']})")
     return 0
 
