@@ -88,9 +88,9 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
     if args.engine == "onnxruntime" and args.device != "cpu":
         raise ValueError("--engine onnxruntime runs on the CPU: drop --device or use --engine torch")
     if args.engine == "onnxruntime":
-        from pipeline.models.export import _onnxruntime
+        from pipeline.models.export import require_onnxruntime
 
-        _onnxruntime()
+        require_onnxruntime()
     forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
     from pipeline.models.folder import ModelsFolder
 
@@ -188,11 +188,11 @@ def export_main(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.models.composition import AdapterComposition
-    from pipeline.models.export import _onnxruntime, export_onnx
+    from pipeline.models.export import export_onnx, require_onnxruntime
     from pipeline.models.folder import ModelsFolder
     from pipeline.models.router import DegradationRouter
 
-    _onnxruntime()
+    require_onnxruntime()
     folder = ModelsFolder(args.models)
     names = folder.check(router=False)
     mixes = [{args.lora: 1.0}] if args.lora else [parse_mix(args.mix)] if args.mix else [{n: 1.0} for n in names]

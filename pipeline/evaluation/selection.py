@@ -52,12 +52,13 @@ def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: S
            sets: Sequence[PairedImages]) -> tuple[RestorationSettings, list[dict], int]:
     """The candidate (overrides of ``base``) with the best mean validation PSNR, every candidate's scores, and
     the index of the chosen one."""
+    kinds = {s.name: s.kind for s in sets}
     rows = []
     for overrides in candidates:
         settings = RestorationSettings(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         per_set = mean_psnr(restorer.with_settings(**settings.__dict__), sets)
-        single = [v for s, v in per_set.items() if next(x.kind for x in sets if x.name == s) == "single"]
-        mixed = [v for s, v in per_set.items() if next(x.kind for x in sets if x.name == s) == "mixed"]
+        single = [v for name, v in per_set.items() if kinds[name] == "single"]
+        mixed = [v for name, v in per_set.items() if kinds[name] == "mixed"]
         rows.append({"settings": {**settings.__dict__, "undo_order": list(settings.undo_order)},
                      "mean_psnr": float(np.mean(list(per_set.values()))), "single_psnr": float(np.mean(single)),
                      "mixed_psnr": float(np.mean(mixed)) if mixed else None, "per_set": per_set})

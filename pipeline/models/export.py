@@ -28,7 +28,7 @@ ENGINES = ("torch", "onnxruntime")
 INSTALL_HINT = "pip install -e '.[onnx]'"
 
 
-def _onnxruntime():
+def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
@@ -104,7 +104,7 @@ class OnnxEngine:
     """
 
     def __init__(self, composition: AdapterComposition, folder: str | Path | None = None):
-        self.runtime = _onnxruntime()
+        self.runtime = require_onnxruntime()
         self.composition = composition
         self._temporary = tempfile.TemporaryDirectory(prefix="uir-onnx-") if folder is None else None
         self.folder = Path(folder or self._temporary.name)
