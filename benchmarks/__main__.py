@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         result["restore"] = speed.restore_end_to_end(models)
     if "engines" in args.sections:
         result["engines"] = speed.engine_speed(params, models, args.repeats, args.testsets)
-        result["engine_restore"] = speed.restore_by_engine(models)
+        result["engine_restore"] = speed.restore_by_engine(models, [r["engine"] for r in result["engines"]["rows"]])
     if "growth" in args.sections:
         result["growth_repro"] = growth.timed_repro(Path.cwd())
     if "quality" in args.sections:

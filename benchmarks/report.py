@@ -61,17 +61,26 @@ def markdown(result: dict) -> str:
                             rows))
     if "engines" in result:
         eng = result["engines"]
-        parts.append(f"\n**Engines** (one restoration step over {eng['batch']} tiles of {eng['tile']}², {eng['threads']} threads; "
-                     f"K=2 is a weight-space mix merged before the run; fraction of this machine's "
-                     f"{eng['matmul_gflops']:.0f} GFLOP/s fp32 matmul rate)")
+        parts.append(f"\n**Engines** (one restoration step over {eng['batch']} tiles of {eng['tile']}², {eng['threads']} threads, "
+                     f"{eng['gflop_per_megapixel']:.0f} GFLOP per megapixel; K=2 is a weight-space mix merged before the "
+                     f"run; fraction of this machine's {eng['matmul_gflops']:.0f} GFLOP/s fp32 matmul rate)")
         rows = [[r["engine"], r["adapters"], f"{r['ms_per_megapixel']:.0f}", f"{r['fraction_of_matmul']:.2f}"] for r in eng["rows"]]
         parts.append(_table(["engine", "adapters", "ms / MP", "of matmul rate"], rows))
-        if eng.get("int8_quality"):
-            parts.append("PSNR on Kodak24 at σ=25 (noise adapter, 24 images): " + ", ".join(
-                f"{label} {value:.2f} dB" for label, value in eng["int8_quality"].items()))
+        if eng.get("quality"):
+            labels = list(next(iter(eng["quality"].values())))
+            rows = [[name, *(f"{scores[label]:.2f}" for label in labels)] for name, scores in eng["quality"].items()]
+            parts.append("\n**What each engine's precision costs** (mean PSNR, dB; Kodak24: all 24 images, σ=25, noise "
+                         "adapter; each adapter on its own test crops)")
+            parts.append(_table(["set", *labels], rows))
+        if eng.get("operators"):
+            ops = sorted({op for shares in eng["operators"].values() for op in shares}, key=lambda op: op == "other")
+            rows = [[op, *(f"{100 * shares.get(op, 0):.0f} %" for shares in eng["operators"].values())] for op in ops]
+            parts.append("\n**Where ONNX Runtime spends its time** (share of node time by operator type, its own profiler)")
+            parts.append(_table(["operator", *eng["operators"]], rows))
         rows = [[r["engine"], f"{r['megapixels']:.0f} MP", f"{r['seconds']:.1f}", f"{r['ms_per_megapixel']:.0f}",
                  f"{r['peak_rss_mb']:.0f}"] for r in result["engine_restore"]]
-        parts.append("\n**A 12 MP photo** through `UniversalRestorer.restore` (one adapter, 256² tiles, fresh process)")
+        parts.append("\n**A 12 MP photo** through `UniversalRestorer.restore` (one adapter, 256² tiles overlapping by 32, "
+                     "fresh process)")
         parts.append(_table(["engine", "image", "seconds", "ms / MP", "peak RSS, MB"], rows))
     if "storage" in result:
         rows = [[r["model"], f"{r['megabytes']:.2f}", f"{r['parameters']:,}"] for r in result["storage"]]

@@ -256,116 +256,158 @@ def growth(params: DictConfig, training: list[dict]) -> dict:
 
 
 
-def _int8_model(fp32: Path, out: Path, calibration: list[np.ndarray], timestep: int) -> Path:
-    """ONNX Runtime static int8 quantisation (QDQ, per-channel weights), calibrated on degraded tiles."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+ENGINE_VARIANTS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
+                   ("openvino", "bf16"))
+ENGINE_LABELS = {"torch": "PyTorch eager", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
-    class Tiles(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"image": tile[None], "timestep": np.array([timestep])} for tile in calibration])
 
-        def get_next(self):
-            return next(self.items, None)
+def _engines(composition: AdapterComposition) -> dict[str, Callable]:
+    """``restore(y, vector)`` of every engine and precision that runs on this machine, by label."""
+    from pipeline.models.export import OnnxEngine
 
-    quantize_static(str(fp32), str(out), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    return out
+    engines = {"PyTorch eager fp32": composition.restore}
+    for engine, precision in ENGINE_VARIANTS[1:]:
+        label = f"{ENGINE_LABELS[engine]} {precision}"
+        try:
+            runner = OnnxEngine(composition, engine, precision)
+            runner.restore(torch.zeros(1, 3, 32, 32), composition.weights_for({composition.names[0]: 1.0}))
+        except (ImportError, ValueError) as error:
+            print(f"benchmarks: {label} skipped: {error}")
+            continue
+        engines[label] = runner.restore
+    return engines
 
 
 def engine_speed(params: DictConfig, models: Path, repeats: int, testsets: Path | None = None,
-                 tile: int = 256, batch: int = 4) -> dict:
-    """Milliseconds per megapixel of one restoration step over a batch of ``tile``² tiles: PyTorch eager
-    against ONNX Runtime (graph optimisations on, threads = torch's), fp32 and static int8, for one adapter
-    (K=1) and a two-adapter weight-space mix (K=2, merged before export: the same graph). With Kodak24
-    present, the PSNR int8 costs on it at σ=25 (noise adapter)."""
-    import tempfile
-
-    import onnxruntime
-
-    from pipeline.models.export import export_onnx
-
+                 degraded: Path = Path("data/degraded"), tile: int = 256, batch: int = 4) -> dict:
+    """Milliseconds per megapixel of one restoration step over a batch of ``tile``² tiles for every engine
+    and precision that runs here (PyTorch eager; ONNX Runtime fp32 / int8; OpenVINO fp32 / bf16), for one
+    adapter (K=1) and a two-adapter weight-space mix (K=2, merged before export: the same graph); where ONNX
+    Runtime spends its time, by operator type; and what each engine's precision costs in PSNR: Kodak24 at
+    σ=25 (noise adapter) when present, and each adapter's own test crops (``<degraded>/<d>/test``)."""
     names = [n for n in params.degradations if (models / "loras" / n).is_dir()]
     composition = AdapterComposition.from_pretrained(models / "backbone", {n: models / "loras" / n for n in names})
     y = torch.rand(batch, 3, tile, tile) * 2 - 1
-    t = torch.full((batch,), 120)
     megapixels = batch * tile * tile / 1e6
     mixes = {"K=1": {names[0]: 1.0}, "K=2": {names[0]: 0.5, names[1]: 0.5}}
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         composition.restore(y, composition.weights_for(mixes["K=1"]))
     flops = counter.get_total_flops()
     matmul = matmul_gflops()
-    rows, quality = [], {}
-    rng = np.random.default_rng(0)
-    calibration = [np.clip(rng.random((3, tile, tile), dtype=np.float32) * 2 - 1, -1, 1) for _ in range(8)]
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    engines = _engines(composition)
+    rows = []
+    with torch.no_grad():
         for k, mix in mixes.items():
             vector = composition.weights_for(mix)
-            fp32 = export_onnx(composition, mix, Path(tmp) / f"{k}.onnx")
-            int8 = _int8_model(fp32, Path(tmp) / f"{k}-int8.onnx", calibration, 120)
-            feeds = {"image": y.numpy(), "timestep": t.numpy()}
-            sessions = {f"ONNX Runtime fp32": onnxruntime.InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"]),
-                        f"ONNX Runtime int8 (static, QDQ)": onnxruntime.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])}
-            variants = {"PyTorch eager": lambda: composition.restore(y, vector),
-                        **{label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}}
-            for label, fn in variants.items():
-                seconds = best_time(fn, repeats)
+            for label, restore in engines.items():
+                seconds = best_time(lambda: restore(y, vector), repeats)
                 rows.append({"engine": label, "adapters": k, "ms_per_megapixel": 1000 * seconds / megapixels,
                              "fraction_of_matmul": flops / seconds / 1e9 / matmul})
-            if k == "K=1" and testsets is not None and (testsets / "Kodak24").is_dir():
-                quality = _int8_quality(composition, sessions, testsets / "Kodak24")
+        quality = _engine_quality(composition, engines, testsets, degraded)
     return {"tile": tile, "batch": batch, "threads": torch.get_num_threads(), "matmul_gflops": matmul,
-            "adapter": names[0], "rows": rows, "int8_quality": quality}
+            "gflop_per_megapixel": flops / megapixels / 1e9, "adapter": names[0], "rows": rows,
+            "operators": _operator_profile(composition, mixes["K=1"], y), "quality": quality}
 
 
-def _int8_quality(composition: AdapterComposition, sessions: dict, folder: Path) -> dict:
-    """Mean PSNR on Kodak24 with σ=25 noise (fixed seed per image) of each ONNX session (noise adapter's graph)."""
+def _operator_profile(composition: AdapterComposition, mix: dict, y: torch.Tensor, top: int = 6) -> dict:
+    """ONNX Runtime's own profile of one batch, fp32 and int8: the share of node time by operator type."""
+    import json
+    import tempfile
+
+    import onnxruntime
+
+    from pipeline.models.export import calibration_tiles, export_onnx, quantize_int8
+
+    vector = composition.weights_for(mix)
+    shares = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(composition, mix, Path(tmp) / "fp32.onnx")
+        calibration = [(t[None], composition.timesteps(vector, torch.from_numpy(t[None])).numpy()) for t in calibration_tiles()]
+        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration)
+        feeds = {"image": y.numpy(), "timestep": composition.timesteps(vector, y).numpy()}
+        for label, model in (("fp32", fp32), ("int8", int8)):
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / label)
+            session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            for _ in range(3):
+                session.run(None, feeds)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            by_op: dict[str, float] = {}
+            for event in events:
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    op = event["args"]["op_name"]
+                    by_op[op] = by_op.get(op, 0.0) + event["dur"]
+            total = sum(by_op.values())
+            ranked = sorted(by_op.items(), key=lambda item: -item[1])
+            shares[label] = {op: value / total for op, value in ranked[:top]}
+            shares[label]["other"] = 1 - sum(shares[label].values())
+    return shares
+
+
+def _psnr(restored: torch.Tensor, clean: torch.Tensor) -> float:
+    """PSNR in dB of 3×H×W images on [0, 1], after 8-bit rounding (as a saved file would be)."""
+    error = ((restored * 255).round() - (clean * 255).round()).pow(2).mean().item()
+    return 10 * np.log10(255.0**2 / error)
+
+
+def _engine_quality(composition: AdapterComposition, engines: dict, testsets: Path | None, degraded: Path) -> dict:
+    """Mean PSNR of each engine: Kodak24 with σ=25 noise (fixed seed per image, noise adapter), and each
+    adapter's test crops."""
     from benchmarks.testsets import gaussian_noise
     from pipeline.images import read_image
     from pipeline.models.restorer import restore_tiled
 
-    if composition.names[0] != "noise":
-        return {}
     multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
-    scores = {label: [] for label in sessions}
-    for index, file in enumerate(sorted(folder.glob("*.png"))):
-        clean = read_image(file)[..., :3]
-        noisy = gaussian_noise(clean, 25, index)
-        x = torch.from_numpy(noisy).permute(2, 0, 1).float() / 255
-        for label, session in sessions.items():
-            def network(tiles, s=session):
-                timesteps = composition.timesteps(composition.weights_for({"noise": 1.0}), tiles)
-                return torch.from_numpy(s.run(None, {"image": tiles.numpy(), "timestep": timesteps.numpy()})[0])
+    sets: dict[str, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+    kodak = testsets / "Kodak24" if testsets is not None else None
+    if kodak is not None and kodak.is_dir() and "noise" in composition.names:
+        for index, file in enumerate(sorted(kodak.glob("*.png"))):
+            clean = read_image(file)[..., :3]
+            pair = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in (gaussian_noise(clean, 25, index), clean)]
+            sets.setdefault("Kodak24 σ=25", []).append((*pair, "noise"))
+    for name in composition.names:
+        for lq in sorted((degraded / name / "test" / "lq").glob("*.png")):
+            pair = [torch.from_numpy(read_image(f)[..., :3]).permute(2, 0, 1).float() / 255
+                    for f in (lq, lq.parent.parent / "gt" / lq.name)]
+            sets.setdefault(f"{name} test", []).append((*pair, name))
+    scores = {}
+    for set_name, items in sets.items():
+        for label, restore in engines.items():
+            values = [_psnr(restore_tiled(lambda t, v=composition.weights_for({adapter: 1.0}): restore(t, v), lq, multiple),
+                            gt) for lq, gt, adapter in items]
+            scores.setdefault(set_name, {})[label] = float(np.mean(values))
+    return scores
 
-            restored = (restore_tiled(network, x, multiple) * 255).round().permute(1, 2, 0).numpy()
-            scores[label].append(10 * np.log10(255.0**2 / np.mean((restored - clean) ** 2)))
-    return {label: float(np.mean(v)) for label, v in scores.items()}
 
-
-def _restore_engine_peak(models: str, height: int, width: int, engine: str, queue) -> None:
+def _restore_engine_peak(models: str, height: int, width: int, engine: str, precision: str, queue) -> None:
     from pipeline.models.restorer import UniversalRestorer
 
-    restorer = UniversalRestorer.from_pretrained(models, engine=engine)
+    restorer = UniversalRestorer.from_pretrained(models, engine=engine, precision=precision)
     image = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
     restorer.restore(image[:256, :256], weights={restorer.names[0]: 1.0})  # ONNX export and session set-up
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
     restorer.restore(image, weights={restorer.names[0]: 1.0})
     seconds = time.perf_counter() - start
-    queue.put({"engine": engine, "megapixels": height * width / 1e6, "seconds": seconds,
-               "ms_per_megapixel": 1000 * seconds / (height * width / 1e6), "peak_rss_mb": _status_mb("VmHWM")})
+    queue.put({"engine": f"{ENGINE_LABELS[engine]} {precision}", "megapixels": height * width / 1e6,
+               "seconds": seconds, "ms_per_megapixel": 1000 * seconds / (height * width / 1e6),
+               "peak_rss_mb": _status_mb("VmHWM")})
 
 
-def restore_by_engine(models: Path, size: tuple[int, int] = (3000, 4000)) -> list[dict]:
-    """A 12 MP photo through ``UniversalRestorer.restore`` (one adapter, 256² tiles) with each engine, each in
-    a fresh process (its own peak memory); the one-off ONNX export is done before the clock starts."""
+def restore_by_engine(models: Path, labels: list[str], size: tuple[int, int] = (3000, 4000)) -> list[dict]:
+    """A 12 MP photo through ``UniversalRestorer.restore`` (one adapter, 256² tiles) with each engine of
+    ``labels`` (those ``engine_speed`` could run), each in a fresh process (its own peak memory); the one-off
+    ONNX export is done before the clock starts."""
     context = multiprocessing.get_context("spawn")
     rows = []
-    for engine in ("torch", "onnxruntime"):
+    for engine, precision in ENGINE_VARIANTS:
+        if f"{ENGINE_LABELS[engine]} {precision}" not in labels:
+            continue
         queue = context.Queue()
-        process = context.Process(target=_restore_engine_peak, args=(str(models), *size, engine, queue))
+        process = context.Process(target=_restore_engine_peak, args=(str(models), *size, engine, precision, queue))
         process.start()
         rows.append(queue.get())
         process.join()

@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")
     restore.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
-    restore.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                         help="what runs the network: onnxruntime (exported to ONNX, the fastest on a CPU), torch, "
-                              "or auto (onnxruntime on the CPU when installed, else torch)")
+    restore.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                         help="what runs the network: torch, or the network exported to ONNX and run by onnxruntime "
+                              "or openvino on the CPU; auto: the fastest here for --precision (fp32: onnxruntime "
+                              "when installed, else torch; int8: onnxruntime; bf16: openvino)")
+    restore.add_argument("--precision", choices=["fp32", "int8", "bf16"], default="fp32",
+                         help="fp32 (exact); int8 (onnxruntime) or bf16 (openvino, CPUs with native bf16): faster, "
+                              "at the PSNR cost the README states")
     restore.add_argument("--json", action="store_true", help="print a JSON report on standard output")
     restore.set_defaults(run=lambda a: _exit(restore_main(a)))
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     export_what = export.add_mutually_exclusive_group()
     export_what.add_argument("--lora", help="one adapter (default: each adapter, one file each)")
     export_what.add_argument("--mix", help="a fixed mix with its weights merged, e.g. noise=0.6,blur=0.4")
+    export.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="int8: ONNX Runtime static quantisation (QDQ), calibrated on fixed photo crops")
     export.add_argument("--no-router", action="store_true", help="do not export the router")
     export.set_defaults(run=lambda a: _exit(export_main(a)))
 

@@ -85,12 +85,12 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
         available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
         if available is None or not available():
             raise ValueError(f"--device {args.device}: not available with this torch build ({torch.__version__}); use cpu")
-    if args.engine == "onnxruntime" and args.device != "cpu":
-        raise ValueError("--engine onnxruntime runs on the CPU: drop --device or use --engine torch")
-    if args.engine == "onnxruntime":
-        from pipeline.models.export import require_onnxruntime
+    from pipeline.models.export import check_engine, require_runtime
 
-        require_onnxruntime()
+    engine = resolve_engine(args.engine, args.precision, args.device)
+    check_engine(engine, args.precision, args.device)
+    if engine != "torch":
+        require_runtime(engine)
     forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
     from pipeline.models.folder import ModelsFolder
 
@@ -104,10 +104,13 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
     return forced
 
 
-def resolve_engine(engine: str, device: str) -> str:
-    """``auto``: ONNX Runtime on the CPU where it is installed (the fastest there, see README), else torch."""
+def resolve_engine(engine: str, precision: str, device: str) -> str:
+    """``auto``: the engine that runs ``precision`` fastest here (README, Performance): ONNX Runtime for fp32
+    (on the CPU where it is installed, else torch) and int8, OpenVINO for bf16."""
     if engine != "auto":
         return engine
+    if precision != "fp32":
+        return {"int8": "onnxruntime", "bf16": "openvino"}[precision]
     if device != "cpu":
         return "torch"
     try:
@@ -142,7 +145,8 @@ def restore_main(args: argparse.Namespace) -> int:
 
     restorer = UniversalRestorer.from_pretrained(args.models, router=forced is None, settings=settings, tile=args.tile,
                                                  overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                                                 engine=resolve_engine(args.engine, args.device))
+                                                 engine=resolve_engine(args.engine, args.precision, args.device),
+                                                 precision=args.precision)
     report = []
     images = tqdm(pairs, desc="restoring", unit="img", file=sys.stderr, disable=len(pairs) < 2, position=0)
     for path, out in images:
@@ -188,11 +192,11 @@ def export_main(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.models.composition import AdapterComposition
-    from pipeline.models.export import export_onnx, require_onnxruntime
+    from pipeline.models.export import calibration_tiles, export_onnx, quantize_int8, require_runtime
     from pipeline.models.folder import ModelsFolder
     from pipeline.models.router import DegradationRouter
 
-    require_onnxruntime()
+    require_runtime("onnxruntime")
     folder = ModelsFolder(args.models)
     names = folder.check(router=False)
     mixes = [{args.lora: 1.0}] if args.lora else [parse_mix(args.mix)] if args.mix else [{n: 1.0} for n in names]
@@ -204,6 +208,12 @@ def export_main(args: argparse.Namespace) -> int:
     out = Path(args.output)
     for mix in mixes:
         path = export_onnx(composition, mix, out / ("+".join(f"{n}={w:g}" for n, w in sorted(mix.items())) + ".onnx"))
+        if args.precision == "int8":
+            vector = composition.weights_for(mix)
+            calibration = [(tile[None], composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
+                           for tile in calibration_tiles()]
+            fp32, path = path, quantize_int8(path, path.with_suffix(".int8.onnx"), calibration)
+            fp32.unlink()
         print(f"wrote {path}")
     if not args.no_router and (folder.router / "config.json").is_file():
         router = DegradationRouter.from_pretrained(folder.router)

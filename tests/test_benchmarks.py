@@ -86,14 +86,18 @@ def test_report_renders_every_section():
                       "variants": [{"variant": "K=1", "ms_per_megapixel": 500, "gflops_per_second": 20, "fraction_of_matmul": 0.2}]},
         "restore": [{"side": 1024, "seconds": 1, "ms_per_megapixel": 950, "rss_loaded_mb": 800, "peak_rss_mb": 900}],
         "storage": [{"model": "backbone", "megabytes": 2.5, "parameters": 620000}],
-        "engines": {"tile": 256, "batch": 4, "threads": 2, "matmul_gflops": 100, "adapter": "noise",
+        "engines": {"tile": 256, "batch": 4, "threads": 2, "matmul_gflops": 100, "gflop_per_megapixel": 180,
+                    "adapter": "noise",
                     "rows": [{"engine": "ONNX Runtime fp32", "adapters": "K=2", "ms_per_megapixel": 812, "fraction_of_matmul": 0.3}],
-                    "int8_quality": {"ONNX Runtime fp32": 30.0, "ONNX Runtime int8 (static, QDQ)": 29.5}},
-        "engine_restore": [{"engine": "onnxruntime", "megapixels": 12, "seconds": 10, "ms_per_megapixel": 833, "peak_rss_mb": 700}],
+                    "quality": {"Kodak24 σ=25": {"ONNX Runtime fp32": 30.0, "ONNX Runtime int8": 29.5}},
+                    "operators": {"fp32": {"Conv": 0.8, "other": 0.2}, "int8": {"Conv": 0.5, "QuantizeLinear": 0.3, "other": 0.2}}},
+        "engine_restore": [{"engine": "ONNX Runtime int8", "megapixels": 12, "seconds": 10, "ms_per_megapixel": 833,
+                            "peak_rss_mb": 700}],
     }
     text = markdown(result)
     for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²",
-                   "| ONNX Runtime fp32 | K=2 | 812 |", "int8 (static, QDQ) 29.50 dB", "| onnxruntime | 12 MP | 10.0 | 833 | 700 |"):
+                   "| ONNX Runtime fp32 | K=2 | 812 |", "| Kodak24 σ=25 | 30.00 | 29.50 |", "| QuantizeLinear | 0 % | 30 % |",
+                   "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |"):
         assert needle in text
 
 
@@ -109,9 +113,21 @@ def test_growth_adds_one_degradation_trained_like_noise():
     assert NEW not in params["degradations"], "the input is left alone"
 
 
-def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_models, params):
+def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_models, params, tmp_path):
     pytest.importorskip("onnxruntime")
-    result = speed.engine_speed(params, tiny_models, repeats=1, tile=32, batch=1)
-    assert {(r["engine"], r["adapters"]) for r in result["rows"]} == {
-        (e, k) for e in ("PyTorch eager", "ONNX Runtime fp32", "ONNX Runtime int8 (static, QDQ)") for k in ("K=1", "K=2")}
+    from PIL import Image
+
+    from .images import rgb
+
+    for folder in ("lq", "gt"):
+        (tmp_path / "noise" / "test" / folder).mkdir(parents=True)
+        Image.fromarray(rgb(32, 48, seed=len(folder))).save(tmp_path / "noise" / "test" / folder / "0.png")
+    result = speed.engine_speed(params, tiny_models, repeats=1, degraded=tmp_path, tile=32, batch=1)
+    engines = {r["engine"] for r in result["rows"]}
+    assert {"PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"} <= engines
+    assert {(e, k) for e in engines for k in ("K=1", "K=2")} == {(r["engine"], r["adapters"]) for r in result["rows"]}
     assert all(r["ms_per_megapixel"] > 0 for r in result["rows"])
+    assert set(result["quality"]) == {"noise test"} and set(result["quality"]["noise test"]) == engines
+    fp32, int8 = result["operators"]["fp32"], result["operators"]["int8"]
+    assert "Conv" in fp32 and sum(fp32.values()) == pytest.approx(1)
+    assert any(op.startswith("QLinear") or op.endswith("QuantizeLinear") for op in int8), "the int8 graph runs int8 kernels"

@@ -1,4 +1,5 @@
-"""ONNX export and the ONNX Runtime engine: the same restoration as PyTorch, within 1e-3."""
+"""ONNX export and the runtime engines (ONNX Runtime, OpenVINO): fp32 restores as PyTorch does, within 1e-3;
+int8 and bf16 close to it."""
 
 import json
 import sys
@@ -13,12 +14,18 @@ from .images import rgb
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+RUNTIMES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed"))]
 
 
 @pytest.fixture(scope="module")
-def restorers(tiny_models):
-    torch_engine = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
-    return torch_engine, UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, engine="onnxruntime")
+def torch_restorer(tiny_models):
+    return UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def restorers(request, tiny_models, torch_restorer):
+    return torch_restorer, UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, engine=request.param)
 
 
 def _photo(h: int, w: int) -> np.ndarray:
@@ -65,22 +72,66 @@ def test_uir_export_writes_each_adapter_and_the_router_with_metadata(tiny_models
     assert [p.name for p in (tmp_path / "mix").iterdir()] == ["blur=0.4+noise=0.6.onnx"]
 
 
-def test_a_missing_runtime_names_the_extra_to_install(tiny_models, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("engine,precision", [("onnxruntime", "int8"), ("openvino", "bf16")])
+def test_reduced_precision_restores_close_to_fp32(tiny_models, torch_restorer, engine, precision):
+    pytest.importorskip(engine)
+    try:
+        fast = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, engine=engine, precision=precision)
+        x = torch.from_numpy(_photo(64, 96)).permute(2, 0, 1).float() / 255
+        for mix in ({"noise": 1.0}, {"noise": 0.6, "blur": 0.4}):
+            exact = torch_restorer.restore_tensor(x, [mix])
+            error = (fast.restore_tensor(x, [mix]) - exact).pow(2).mean()
+            assert 10 * torch.log10(1 / error) > 30, f"{engine} {precision} {mix}: within 30 dB PSNR of fp32"
+    except ValueError as error:
+        if "does not run bf16 natively" not in str(error):
+            raise
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("engine,extra", [("onnxruntime", "onnx"), ("openvino", "openvino")])
+def test_a_missing_runtime_names_the_extra_to_install(tiny_models, tmp_path, monkeypatch, engine, extra):
     from pipeline.cli import main as uir
 
     from PIL import Image
 
     Image.fromarray(rgb(32, 32)).save(tmp_path / "a.png")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, engine, None)
     with pytest.raises(SystemExit) as exit:
         uir(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tiny_models),
-             "--engine", "onnxruntime"])
-    assert "pip install -e '.[onnx]'" in str(exit.value.code)
+             "--engine", engine])
+    assert f"pip install -e '.[{extra}]'" in str(exit.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_picks_the_engine_for_the_precision(monkeypatch):
     from pipeline.restore_cli import resolve_engine
 
-    assert resolve_engine("auto", "cpu") == "torch", "auto falls back to torch without the runtime"
+    assert resolve_engine("auto", "int8", "cpu") == "onnxruntime"
+    assert resolve_engine("auto", "bf16", "cpu") == "openvino"
+    assert resolve_engine("auto", "fp32", "cuda") == "torch"
+    assert resolve_engine("openvino", "fp32", "cpu") == "openvino"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert resolve_engine("auto", "fp32", "cpu") == "torch", "auto falls back to torch without the runtime"
 
 
-def test_the_onnx_engine_is_cpu_only(tiny_models):
-    with pytest.raises(ValueError, match="runs on the CPU"):
-        UniversalRestorer.from_pretrained(tiny_models, engine="onnxruntime", device="meta")
+@pytest.mark.parametrize("engine,precision,device,message", [
+    ("onnxruntime", "fp32", "meta", "runs on the CPU"),
+    ("openvino", "fp32", "meta", "runs on the CPU"),
+    ("torch", "int8", "cpu", "runs fp32, not 'int8'"),
+    ("onnxruntime", "bf16", "cpu", "runs fp32 or int8, not 'bf16'"),
+    ("openvino", "int8", "cpu", "runs fp32 or bf16, not 'int8'"),
+    ("tensorrt", "fp32", "cpu", "engine must be one of"),
+])
+def test_engine_and_precision_are_checked(tiny_models, engine, precision, device, message):
+    with pytest.raises(ValueError, match=message):
+        UniversalRestorer.from_pretrained(tiny_models, engine=engine, precision=precision, device=device)
+
+
+def test_uir_export_int8_writes_a_quantised_model(tiny_models, tmp_path):
+    from pipeline.cli import main as uir
+
+    uir(["export", "--models", str(tiny_models), "-o", str(tmp_path), "--lora", "noise", "--precision", "int8",
+         "--no-router"])
+    assert [p.name for p in tmp_path.iterdir()] == ["noise=1.int8.onnx"]
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "noise=1.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops

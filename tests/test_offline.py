@@ -1,5 +1,7 @@
-"""Nothing is fetched at run time: every stage module and the CLI import with sockets blocked."""
+"""Nothing is fetched at run time: every stage module, the CLI and the inference runtimes import with sockets
+blocked."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -24,7 +26,9 @@ if attempts:
 """
 
 
-MODULES = ["pipeline.cli", "pipeline.restore_cli", "benchmarks.__main__", *[f"pipeline.stages.{s}" for s in STAGES]]
+RUNTIMES = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is not None]
+MODULES = ["pipeline.cli", "pipeline.restore_cli", "benchmarks.__main__", *[f"pipeline.stages.{s}" for s in STAGES],
+           *RUNTIMES]
 
 
 def test_importing_makes_no_network_attempt(tmp_path):

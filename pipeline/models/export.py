@@ -1,4 +1,4 @@
-"""The restoration network as ONNX, run by ONNX Runtime: the fast CPU path of ``uir restore``.
+"""The restoration network as ONNX, run by ONNX Runtime or OpenVINO: the fast CPU paths of ``uir restore``.
 
 For an adapter mix (one LoRA, or any weights over several) the adapters are merged into the backbone's
 weights first (``W + Σ w_i·ΔW_i``, the same ``merged_weight`` as training and the PyTorch path), so the
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,16 +25,28 @@ from pipeline.models.adapters import merged_weight
 from pipeline.models.backbone import OneStepReadout
 from pipeline.models.composition import AdapterComposition
 
-ENGINES = ("torch", "onnxruntime")
-INSTALL_HINT = "pip install -e '.[onnx]'"
+ENGINES = ("torch", "onnxruntime", "openvino")
+# What each engine runs the network in: int8 is ONNX Runtime's static quantisation (QDQ, per-channel
+# weights), bf16 OpenVINO's inference precision (needs a CPU with native bf16; it costs PSNR, see README).
+PRECISIONS = {"torch": ("fp32",), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
 
 
-def require_onnxruntime():
+def require_runtime(engine: str):
+    """The runtime module of ``engine`` (``onnxruntime`` or ``openvino``), or an error naming the extra."""
     try:
-        import onnxruntime
+        return __import__(engine)
     except ImportError:
-        raise ImportError(f"the onnxruntime engine needs ONNX Runtime: {INSTALL_HINT}") from None
-    return onnxruntime
+        raise ImportError(f"the {engine} engine needs its runtime: pip install -e '.[{EXTRAS[engine]}]'") from None
+
+
+def check_engine(engine: str, precision: str, device: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if precision not in PRECISIONS[engine]:
+        raise ValueError(f"the {engine} engine runs {' or '.join(PRECISIONS[engine])}, not {precision!r}")
+    if engine != "torch" and torch.device(device).type != "cpu":
+        raise ValueError(f"the {engine} engine runs on the CPU: use --device cpu or --engine torch")
 
 
 class OneStepNetwork(torch.nn.Module):
@@ -78,7 +91,9 @@ def export_onnx(composition: AdapterComposition, mix: Mapping[str, float], path:
     network = OneStepNetwork(merged_unet(composition, mix), composition.readout).eval()
     multiple = 2 ** (len(network.unet.config.block_out_channels) - 1)
     example = (torch.zeros(1, 3, 4 * multiple, 4 * multiple), torch.zeros(1, dtype=torch.long))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # diffusers' shape asserts and size checks: traced as constants, harmless (tests cover several sizes)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(network, example, str(path), input_names=["image", "timestep"], output_names=["restored"],
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
                                         "restored": {0: "batch", 2: "height", 3: "width"}},
@@ -97,35 +112,104 @@ def export_onnx(composition: AdapterComposition, mix: Mapping[str, float], path:
     return path
 
 
-class OnnxEngine:
-    """ONNX Runtime sessions for the adapter mixes a restorer applies, exported on first use and cached.
+def calibration_tiles(side: int = 256, sigmas: tuple[int, ...] = (0, 10, 25, 50)) -> list[np.ndarray]:
+    """Int8 calibration inputs (3×side×side on [-1, 1]): crops of photos that ship with scikit-image, clean and
+    with Gaussian noise of each σ (8-bit units); fixed, so a quantised model does not depend on what it restores."""
+    import skimage.data
 
-    Graph optimisations on, as many intra-op threads as torch uses (the cores it was given).
+    rng = np.random.default_rng(0)
+    tiles = []
+    for photo in (skimage.data.astronaut(), skimage.data.coffee()):
+        crop = photo[:side, :side, :3].astype(np.float32) / 127.5 - 1
+        for sigma in sigmas:
+            noisy = crop + rng.normal(0, 2 * sigma / 255, crop.shape).astype(np.float32)
+            tiles.append(np.ascontiguousarray(np.clip(noisy, -1, 1).transpose(2, 0, 1)))
+    return tiles
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: list[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """ONNX Runtime static int8 quantisation of ``fp32`` (QDQ, per-channel weights, uint8 activations),
+    calibrated on ``(image, timestep)`` batches."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": image, "timestep": timestep} for image, timestep in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process and per-bias notes, once per model
+    try:
+        quantize_static(str(fp32), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return out
+
+
+def _onnxruntime_runner(path: Path, threads: int) -> Callable[[dict], np.ndarray]:
+    runtime = require_runtime("onnxruntime")
+    options = runtime.SessionOptions()
+    options.graph_optimization_level = runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def _openvino_runner(path: Path, precision: str, threads: int) -> Callable[[dict], np.ndarray]:
+    openvino = require_runtime("openvino")
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                "INFERENCE_PRECISION_HINT": hint,
+                                                                "PERFORMANCE_HINT": "LATENCY"})
+    granted = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if hint == "bf16" and granted != openvino.Type.bf16:
+        raise ValueError(f"this CPU does not run bf16 natively (OpenVINO chose {granted}): use --precision fp32")
+    request = compiled.create_infer_request()
+    return lambda feeds: request.infer(feeds)[0].copy()
+
+
+class OnnxEngine:
+    """The restoration network exported to ONNX for each adapter mix a restorer applies (on first use, then
+    cached) and run by ONNX Runtime or OpenVINO on the CPU, in ``precision``; as many threads as torch uses.
+
+    ONNX Runtime runs with every graph optimisation; OpenVINO with its latency hint. int8 models are calibrated
+    on ``calibration_tiles`` at the timesteps the mix's rules give them.
     """
 
-    def __init__(self, composition: AdapterComposition, folder: str | Path | None = None):
-        self.runtime = require_onnxruntime()
-        self.composition = composition
+    def __init__(self, composition: AdapterComposition, engine: str = "onnxruntime", precision: str = "fp32",
+                 folder: str | Path | None = None):
+        check_engine(engine, precision, "cpu")
+        require_runtime(engine)
+        self.composition, self.engine, self.precision = composition, engine, precision
         self._temporary = tempfile.TemporaryDirectory(prefix="uir-onnx-") if folder is None else None
         self.folder = Path(folder or self._temporary.name)
-        self._sessions: dict[tuple, object] = {}
+        self._runners: dict[tuple, Callable[[dict], np.ndarray]] = {}
 
-    def session(self, mix: Mapping[str, float]):
+    def runner(self, mix: Mapping[str, float]) -> Callable[[dict], np.ndarray]:
         key = tuple(sorted((name, round(float(w), 6)) for name, w in mix.items() if w))
-        if key not in self._sessions:
+        if key not in self._runners:
             file = self.folder / ("+".join(f"{n}={w:g}" for n, w in key) + ".onnx")
             if not file.is_file():
                 export_onnx(self.composition, dict(key), file)
-            options = self.runtime.SessionOptions()
-            options.graph_optimization_level = self.runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = torch.get_num_threads()
-            self._sessions[key] = self.runtime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        return self._sessions[key]
+            if self.precision == "int8":
+                vector = self.composition.weights_for(dict(key))
+                calibration = [(tile[None], self.composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
+                               for tile in calibration_tiles()]
+                file = quantize_int8(file, file.with_suffix(".int8.onnx"), calibration)
+            threads = torch.get_num_threads()
+            self._runners[key] = (_onnxruntime_runner(file, threads) if self.engine == "onnxruntime"
+                                  else _openvino_runner(file, self.precision, threads))
+        return self._runners[key]
 
     def restore(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """``AdapterComposition.restore`` for one mix (weights (N,)), by ONNX Runtime."""
+        """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime."""
         mix = {name: float(w) for name, w in zip(self.composition.names, vector) if w}
         timesteps = self.composition.timesteps(vector, y)
         inputs = {"image": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
                   "timestep": timesteps.cpu().numpy().astype(np.int64)}
-        return torch.from_numpy(self.session(mix).run(None, inputs)[0])
+        return torch.from_numpy(self.runner(mix)(inputs))

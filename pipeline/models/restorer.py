@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models.composition import AdapterComposition
+from pipeline.models.export import OnnxEngine, check_engine
 from pipeline.models.folder import ModelsFolder
 from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
 
@@ -230,13 +231,14 @@ class UniversalRestorer:
         settings: how routing becomes restoration (policy, composition, unknown degradations).
         tile, overlap: tile side and overlap in pixels for images larger than ``tile``.
         batch_size: tiles restored at once.
-        engine: ``torch``, or ``onnxruntime`` (the network exported to ONNX with the mix merged in, run by
-            ONNX Runtime on the CPU; the router stays in PyTorch).
+        engine: ``torch``, ``onnxruntime`` or ``openvino`` (the network exported to ONNX with the mix merged
+            in, run by that runtime on the CPU; the router stays in PyTorch).
+        precision: ``fp32``; ``int8`` (onnxruntime) or ``bf16`` (openvino): faster, at a measured PSNR cost.
     """
 
     def __init__(self, composition: AdapterComposition, router: DegradationRouter | None = None,
                  settings: RestorationSettings | None = None, tile: int = 256, overlap: int = 32,
-                 batch_size: int = 4, device: str = "cpu", engine: str = "torch"):
+                 batch_size: int = 4, device: str = "cpu", engine: str = "torch", precision: str = "fp32"):
         if router is not None:
             router.check_adapters(composition.names)
         self.multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
@@ -249,11 +251,8 @@ class UniversalRestorer:
         self.router = router.to(self.device) if router is not None else None
         self.settings = settings or RestorationSettings()
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        if engine not in ("torch", "onnxruntime"):
-            raise ValueError(f"engine must be torch or onnxruntime, got {engine!r}")
-        if engine == "onnxruntime" and self.device.type != "cpu":
-            raise ValueError("the onnxruntime engine runs on the CPU: use --device cpu")
-        self.engine = engine
+        check_engine(engine, precision, device)
+        self.engine, self.precision = engine, precision
         self._onnx = None
 
     @classmethod
@@ -341,9 +340,7 @@ class UniversalRestorer:
         if self.engine == "torch":
             return self.composition.restore(y, vector)
         if self._onnx is None:
-            from pipeline.models.export import OnnxEngine
-
-            self._onnx = OnnxEngine(self.composition)
+            self._onnx = OnnxEngine(self.composition, self.engine, self.precision)
         return self._onnx.restore(y, vector)
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
