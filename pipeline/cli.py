@@ -2,7 +2,8 @@
 
     uir restore INPUT... -o OUTDIR                               restore files, folders, globs
     uir export -o exported/ [--lora noise | --mix noise=0.6,blur=0.4]   the networks as ONNX
-    uir info [--models models]                                   what a models folder holds
+    uir info [--models models]                                   what a models folder holds (and which is in use)
+    uir ship                                                     models/ of `dvc repro` -> weights/ (the shipped set)
     uir sample --backbone models/backbone -n 16 -o samples.png   draw images from the backbone
     uir stage NAME [ARGS...]                                     run one pipeline stage (as DVC does)
 """
@@ -13,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from pipeline.restore_cli import export_main, info_main, restore_main
+from pipeline.restore_cli import export_main, info_main, restore_main, ship_main
 
 STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "train_lora", "train_multitask",
           "train_shared_lora", "fit_router", "select_restoration", "evaluate")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     restore = commands.add_parser("restore", help="restore images (files, folders, globs)")
     restore.add_argument("inputs", nargs="+", metavar="INPUT")
     restore.add_argument("-o", "--output", required=True, help="output folder (inputs are never overwritten)")
-    restore.add_argument("--models", default="models", help="models folder written by `dvc repro`")
+    restore.add_argument("--models", default=None, help="models folder (default: models/ of the last `dvc repro` if complete, else the shipped weights/uir-lora-cbsd432)")
     forced = restore.add_mutually_exclusive_group()
     forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
     forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
@@ -66,17 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     restore.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
                          help="what runs the network: torch, or the network exported to ONNX and run by onnxruntime "
-                              "or openvino on the CPU; auto: the fastest here for --precision (fp32: onnxruntime "
-                              "when installed, else torch; int8: onnxruntime; bf16: openvino)")
-    restore.add_argument("--precision", choices=["fp32", "int8", "bf16"], default="fp32",
-                         help="fp32 (exact); int8 (onnxruntime) or bf16 (openvino, CPUs with native bf16): faster, "
-                              "at the PSNR cost the README states")
+                              "or openvino on the CPU; auto: the fastest here that costs no PSNR (openvino bf16 on "
+                              "a CPU with native bf16, else onnxruntime fp32, else torch), or the engine of --precision")
+    restore.add_argument("--precision", choices=["fp32", "int8", "bf16"], default=None,
+                         help="fp32 (exact); bf16 (openvino, CPUs with native bf16) or int8 (onnxruntime): faster, "
+                              "at the PSNR the README states (default: auto's choice, fp32 for a named engine)")
     restore.add_argument("--json", action="store_true", help="print a JSON report on standard output")
     restore.set_defaults(run=lambda a: _exit(restore_main(a)))
 
     export = commands.add_parser("export", help="write the restoration networks (and the router) as ONNX")
     export.add_argument("-o", "--output", required=True, help="folder for the .onnx files")
-    export.add_argument("--models", default="models")
+    export.add_argument("--models", default=None, help="models folder (default: models/ of the last `dvc repro` if complete, else the shipped weights/uir-lora-cbsd432)")
     export_what = export.add_mutually_exclusive_group()
     export_what.add_argument("--lora", help="one adapter (default: each adapter, one file each)")
     export_what.add_argument("--mix", help="a fixed mix with its weights merged, e.g. noise=0.6,blur=0.4")
@@ -85,8 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--no-router", action="store_true", help="do not export the router")
     export.set_defaults(run=lambda a: _exit(export_main(a)))
 
+    ship = commands.add_parser("ship", help="copy the adapters and router of `dvc repro` into the shipped weights")
+    ship.add_argument("--models", default="models", help="the models folder of the `dvc repro` (default: models)")
+    ship.add_argument("--to", default=None, help="the shipped folder (default: weights/uir-lora-cbsd432)")
+    ship.add_argument("--reports", default="reports", help="the reports of that `dvc repro`, for the model card")
+    ship.set_defaults(run=lambda a: _exit(ship_main(a)))
+
     info = commands.add_parser("info", help="describe a models folder")
-    info.add_argument("--models", default="models")
+    info.add_argument("--models", default=None, help="models folder (default: models/ of the last `dvc repro` if complete, else the shipped weights/uir-lora-cbsd432)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=lambda a: _exit(info_main(a)))
 
@@ -106,6 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"pipeline.stages.{argv[1]}").main(argv[2:])
         return
     args = parser.parse_args(argv)
+    if "models" in args and args.command != "ship":
+        from pipeline.models.folder import resolve_models
+
+        args.models = resolve_models(args.models)
     try:
         args.run(args)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:

@@ -87,8 +87,8 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
             raise ValueError(f"--device {args.device}: not available with this torch build ({torch.__version__}); use cpu")
     from pipeline.models.export import check_engine, require_runtime
 
-    engine = resolve_engine(args.engine, args.precision, args.device)
-    check_engine(engine, args.precision, args.device)
+    engine, precision = resolve_engine(args.engine, args.precision, args.device)
+    check_engine(engine, precision, args.device)
     if engine != "torch":
         require_runtime(engine)
     forced = {args.lora: 1.0} if args.lora else parse_mix(args.mix) if args.mix else None
@@ -104,20 +104,26 @@ def check_arguments(args: argparse.Namespace) -> dict[str, float] | None:
     return forced
 
 
-def resolve_engine(engine: str, precision: str, device: str) -> str:
-    """``auto``: the engine that runs ``precision`` fastest here (README, Performance): ONNX Runtime for fp32
-    (on the CPU where it is installed, else torch) and int8, OpenVINO for bf16."""
+def resolve_engine(engine: str, precision: str | None, device: str) -> tuple[str, str]:
+    """(engine, precision) for the flags. ``auto`` takes the fastest that costs no PSNR measured here (README,
+    Performance): OpenVINO bf16 on a CPU that runs bf16 natively, else ONNX Runtime fp32, else torch; with a
+    precision given, the engine that runs it (fp32: ONNX Runtime, int8: ONNX Runtime, bf16: OpenVINO).
+    An engine named without a precision runs fp32."""
     if engine != "auto":
-        return engine
-    if precision != "fp32":
-        return {"int8": "onnxruntime", "bf16": "openvino"}[precision]
+        return engine, precision or "fp32"
+    if precision in ("int8", "bf16"):
+        return {"int8": "onnxruntime", "bf16": "openvino"}[precision], precision
     if device != "cpu":
-        return "torch"
+        return "torch", "fp32"
+    from pipeline.models.export import native_bf16
+
+    if precision is None and native_bf16():
+        return "openvino", "bf16"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "torch"
-    return "onnxruntime"
+        return "torch", "fp32"
+    return "onnxruntime", "fp32"
 
 
 def restoration_settings(args: argparse.Namespace):
@@ -143,10 +149,14 @@ def restore_main(args: argparse.Namespace) -> int:
 
     from pipeline.models.restorer import UniversalRestorer
 
+    engine, precision = resolve_engine(args.engine, args.precision, args.device)
+    from pipeline.models.folder import SHIPPED
+
+    if Path(args.models).resolve() == SHIPPED:
+        print(f"uir restore: using the shipped models ({SHIPPED.name}); `dvc repro` trains your own", file=sys.stderr)
     restorer = UniversalRestorer.from_pretrained(args.models, router=forced is None, settings=settings, tile=args.tile,
                                                  overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                                                 engine=resolve_engine(args.engine, args.precision, args.device),
-                                                 precision=args.precision)
+                                                 engine=engine, precision=precision)
     report = []
     images = tqdm(pairs, desc="restoring", unit="img", file=sys.stderr, disable=len(pairs) < 2, position=0)
     for path, out in images:
@@ -266,9 +276,16 @@ def info_main(args: argparse.Namespace) -> int:
                       "mix_threshold": round(router.config.mix_threshold, 4), "temperature": router.config.temperature,
                       "unknown_threshold": round(router.config.threshold, 4),
                       "parameters": sum(p.numel() for p in router.parameters())}
+    engine, precision = resolve_engine("auto", None, "cpu")
+    info["engine"] = {"engine": engine, "precision": precision}
+    from pipeline.models.folder import SHIPPED
+
+    shipped = models.resolve() == SHIPPED
+    info["models"] = {"folder": str(models), "set": "shipped with the package" if shipped else "trained (dvc repro)"}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    print(f"models    {info['models']['folder']} ({info['models']['set']})")
     b = info["backbone"]
     print(f"backbone  UNet2DModel {b['block_out_channels']} x{b['layers_per_block']}, {b['parameters'] / 1e6:.2f} M parameters")
     for name, a in info["adapters"].items():
@@ -281,5 +298,92 @@ def info_main(args: argparse.Namespace) -> int:
     s = info["restoration"]
     print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")
           + f", {s['composition']} mixing, unknown: {s['unknown']}  ({s['source']})")
+    print(f"engine    {engine} {precision} (what `uir restore --engine auto` runs on this machine's CPU)")
     return 0
 
+
+
+def ship_main(args: argparse.Namespace) -> int:
+    """``uir ship``: the adapters, router and restoration settings of a ``dvc repro`` into the shipped folder,
+    beside the backbone they were trained on (which must be the one already there), with a model card."""
+    import shutil
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.files import atomic_dir
+    from pipeline.models.folder import SHIPPED, ModelsFolder
+    from pipeline.models.restorer import SETTINGS_FILE
+
+    source, target = ModelsFolder(args.models), ModelsFolder(args.to or SHIPPED)
+    names = source.check()
+    target.require_backbone()
+    weights = "diffusion_pytorch_model.safetensors"
+    trained_on, shipped = (load_file(str(f.backbone / weights)) for f in (source, target))
+    if trained_on.keys() != shipped.keys() or any(not torch.equal(trained_on[k], shipped[k]) for k in shipped):
+        raise ValueError(f"{source.backbone} is not the backbone in {target.backbone}: the adapters must be trained on "
+                         f"the shipped backbone (backbone.pretrained: {target.backbone})")
+    reports = Path(args.reports)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for part in ["router", *(f"loras/{n}" for n in names)]:
+        with atomic_dir(target.root / part) as tmp:
+            shutil.copytree(source.root / part, tmp, dirs_exist_ok=True)
+    shutil.copyfile(source.root / SETTINGS_FILE, target.root / SETTINGS_FILE)
+    (target.root / "README.md").write_text(set_card(target, names, reports, commit), encoding="utf-8")
+    print(f"shipped {', '.join(names)} and the router into {target.root} (trained at {commit or 'an unknown commit'})")
+    return 0
+
+
+def set_card(folder, names: list[str], reports: Path, commit: str) -> str:
+    """The shipped set's card: what each part is and how well it did, from the reports of the `dvc repro`."""
+    def report(name: str) -> dict:
+        file = reports / name
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    adapters = "\n".join(
+        f"| {n} | {r.get('rank', '?')} | {r.get('t_star', '?')} ({r.get('timestep', 'fixed')}) | "
+        f"{r.get('val/input_psnr', float('nan')):.2f} | {r.get('val/psnr', float('nan')):.2f} |"
+        for n in names for r in [report(f"train_lora/{n}.json")])
+    router = report("fit_router.json")
+    headline = report("headline.json")
+    settings = json.loads((folder.root / "restoration.json").read_text())
+    return f"""# UIR-LoRA models shipped with uir-lora
+
+What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc repro` takes precedence;
+`uir info` says which set is in use). Layout of a models folder (`pipeline/models/folder.py`):
+
+- `backbone/`: the frozen pre-trained DDPM UNet; its own card is `backbone/README.md`
+- `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule)
+- `router/`: the degradation-aware router (config.json + safetensors)
+- `restoration.json`: the routing policy and composition chosen on validation data
+
+Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's backbone) at commit
+`{commit or 'unknown'}`, then copied here by `uir ship`.
+
+## Adapters (validation split, PSNR dB)
+
+| degradation | rank | t* | input | restored |
+|---|---|---|---|---|
+{adapters}
+
+## Router (validation)
+
+{", ".join(f"{k} {v:.3f}" for k, v in router.items() if isinstance(v, float) and k.startswith("val/")) or "see reports/fit_router.json"}
+
+## Restoration settings
+
+`{json.dumps(settings)}`
+
+## Test sets of that run (held-out synthetic crops; mean PSNR dB, router accuracy)
+
+`{json.dumps(headline)}`
+
+## Reproduce
+
+```bash
+git checkout {commit or '<commit>'}
+make repro          # dvc repro: trains the adapters and the router on the shipped backbone
+.venv/bin/uir ship  # copies them here with this card
+```
+"""

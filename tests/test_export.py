@@ -104,14 +104,20 @@ def test_a_missing_runtime_names_the_extra_to_install(tiny_models, tmp_path, mon
 
 
 def test_auto_picks_the_engine_for_the_precision(monkeypatch):
+    from pipeline.models import export
     from pipeline.restore_cli import resolve_engine
 
-    assert resolve_engine("auto", "int8", "cpu") == "onnxruntime"
-    assert resolve_engine("auto", "bf16", "cpu") == "openvino"
-    assert resolve_engine("auto", "fp32", "cuda") == "torch"
-    assert resolve_engine("openvino", "fp32", "cpu") == "openvino"
+    assert resolve_engine("auto", "int8", "cpu") == ("onnxruntime", "int8")
+    assert resolve_engine("auto", "bf16", "cpu") == ("openvino", "bf16")
+    assert resolve_engine("auto", None, "cuda") == ("torch", "fp32")
+    assert resolve_engine("openvino", None, "cpu") == ("openvino", "fp32"), "a named engine runs fp32 unless told"
+    monkeypatch.setattr(export, "native_bf16", lambda: True)
+    assert resolve_engine("auto", None, "cpu") == ("openvino", "bf16")
+    assert resolve_engine("auto", "fp32", "cpu") == ("onnxruntime", "fp32")
+    monkeypatch.setattr(export, "native_bf16", lambda: False)
+    assert resolve_engine("auto", None, "cpu") == ("onnxruntime", "fp32")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    assert resolve_engine("auto", "fp32", "cpu") == "torch", "auto falls back to torch without the runtime"
+    assert resolve_engine("auto", None, "cpu") == ("torch", "fp32"), "auto falls back to torch without the runtimes"
 
 
 @pytest.mark.parametrize("engine,precision,device,message", [

@@ -40,6 +40,15 @@ def require_runtime(engine: str):
         raise ImportError(f"the {engine} engine needs its runtime: pip install -e '.[{EXTRAS[engine]}]'") from None
 
 
+def native_bf16() -> bool:
+    """OpenVINO is installed and this CPU runs bf16 natively (AVX512-BF16 or AMX)."""
+    try:
+        import openvino
+    except ImportError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def check_engine(engine: str, precision: str, device: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

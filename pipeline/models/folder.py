@@ -6,6 +6,9 @@
     baselines/<name>/          a compared method + restoration.json (kind, t*, label) train_<name>
 
 Every check names the DVC stage that writes what is missing.
+
+``weights/uir-lora-cbsd432`` (in the repository) is such a folder, shipped: what ``uir`` restores with before
+any ``dvc repro``; the ``models/`` of the last ``dvc repro`` takes precedence (``resolve_models``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,19 @@ from pipeline.files import write_json
 
 RESTORATION_FILE = "restoration.json"
 BASELINE_KINDS = ("unet", "lora")  # a full UNet2DModel; or a LoRA on the backbone, merged into it
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "weights" / "uir-lora-cbsd432"
+TRAINED = Path("models")  # where `dvc repro` writes, relative to the project
+
+
+def resolve_models(requested: str | Path | None) -> Path:
+    """The models folder to use: ``requested`` if given; else ``models/`` when the last ``dvc repro`` left a
+    backbone and a router there; else the shipped set (else ``models/``, whose checks name the stage to run)."""
+    if requested is not None:
+        return Path(requested)
+    complete = all((TRAINED / part / "config.json").is_file() for part in ("backbone", "router"))
+    return TRAINED if complete or not (SHIPPED / "backbone" / "config.json").is_file() else SHIPPED
 
 
 class ModelsFolderError(FileNotFoundError):

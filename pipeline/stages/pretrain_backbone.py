@@ -26,13 +26,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = stage_params(args.params)
 
+    import sys
+    import time
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
     from pipeline.data.datasets import CleanPatchDataModule
     from pipeline.data.tensors import to_uint8
     from pipeline.files import atomic_dir, write_json
     from pipeline.images import tile, write_image
     from pipeline.models.backbone import build_scheduler, build_unet, count_parameters, load_backbone, save_backbone
+    from pipeline.models.card import append_validation, backbone_card, data_digest
     from pipeline.models.sampling import sample
-    from pipeline.tracking import finish, log_model_folder, make_logger
+    from pipeline.tracking import finish, log_model_folder, make_logger, wandb_mode
     from pipeline.training.backbone import BackboneDDPM
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
@@ -52,12 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     sizes = count_parameters(unet)
     logger.log_hyperparams({"model/parameters_total": sizes["total"]})
     trainer = build_trainer(params, train.max_steps, train.val_every, logger, args.checkpoints)
+    started = time.perf_counter()
     if cfg.pretrained:
         module.ema.module.load_state_dict(unet.state_dict())
         trainer.validate(module, datamodule=datamodule)
     else:
         fit(trainer, module, train.val_every, resume_checkpoint(args.checkpoints, params, [args.clean]),
             datamodule=datamodule)
+    seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -65,6 +74,19 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_dir(args.out) as tmp:
         save_backbone(tmp, final, scheduler)
+        card = None
+        if not cfg.pretrained:
+            run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
+            command = (f"make params ARGS=profile={params.profile_name}   # params.yaml of this profile\n"
+                       f"python -m pipeline.stages.{STAGE} {' '.join(argv if argv is not None else sys.argv[1:])}")
+            card = backbone_card(OmegaConf.to_container(cfg.architecture, resolve=True),
+                                 OmegaConf.to_container(train, resolve=True), sizes["total"], int(trainer.global_step),
+                                 seconds, metrics, data_digest(args.clean), run, command)
+        elif (Path(cfg.pretrained) / "README.md").is_file():  # its card, and what this run measured
+            card = append_validation((Path(cfg.pretrained) / "README.md").read_text(), metrics,
+                                     f"`{STAGE}` with backbone.pretrained = {cfg.pretrained}, on {args.clean}'s val split")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     drawn = sample(final, scheduler, cfg.sample.count, cfg.architecture.sample_size, cfg.sample.steps, params.seed)
     grid = tile([to_uint8(x) for x in drawn], columns=cfg.sample.columns)
     write_image(args.samples, grid)

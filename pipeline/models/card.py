@@ -1,0 +1,94 @@
+"""Model cards: ``README.md`` beside a model's weights, saying what it was trained on (with hashes), with
+which settings, for how long, on what hardware, how well it validated, which W&B run logged it and the
+command that reproduces it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+def data_digest(clean: str | Path, split: str = "train") -> dict[str, Any]:
+    """The images of ``split`` in a prepared clean folder: count per source and a SHA-256 over their names and
+    bytes (sorted by name), from which the same training data can be checked."""
+    clean = Path(clean)
+    records = sorted((r for r in json.loads((clean / "manifest.json").read_text())["images"] if r["split"] == split),
+                     key=lambda r: r["name"])
+    digest = hashlib.sha256()
+    sources: dict[str, int] = {}
+    for record in records:
+        digest.update(record["name"].encode() + b"\0" + (clean / record["file"]).read_bytes())
+        origin = record["source"].split(":")[0] if record["source"].startswith("embedded:") else str(Path(record["source"]).parent)
+        sources[origin] = sources.get(origin, 0) + 1
+    return {"split": split, "images": len(records), "megapixels": round(sum(r["width"] * r["height"] for r in records) / 1e6, 2),
+            "sources": sources, "sha256": digest.hexdigest()}
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU), torch {torch.__version__}"
+    cpu = platform.processor() or "CPU"
+    if Path("/proc/cpuinfo").is_file():
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def backbone_card(architecture: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int,
+                  seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any],
+                  command: str) -> str:
+    """The card of a DDPM-pretrained backbone (``pretrain_backbone``)."""
+    val = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    return f"""# UIR-LoRA backbone: UNet2DModel, {parameters / 1e6:.2f} M parameters
+
+The frozen generative model every UIR-LoRA adapter is trained on: a DDPM (ε-prediction, uniform timesteps)
+trained by the `pretrain_backbone` stage of uir-lora. Load it with `UNet2DModel.from_pretrained` and
+`DDPMScheduler.from_pretrained` (this folder), or set `backbone.pretrained` to this folder.
+
+## Training data
+
+{data['images']} images ({data['megapixels']} MP) of the `{data['split']}` split of a prepared clean folder; by source:
+{chr(10).join(f"- `{source}`: {count}" for source, count in sorted(data['sources'].items()))}
+
+SHA-256 over the images' names and PNG bytes (sorted by name): `{data['sha256']}`
+
+## Training
+
+- steps: {steps} (batch {train['batch_size']}, patches {train['patch_size']}², AdamW lr {train['lr']}, warm-up {train['warmup_steps']},
+  cosine decay, EMA {train['ema_decay']}; the EMA weights are these)
+- wall time: {seconds / 60:.1f} min on {hardware()}
+- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+
+## Architecture
+
+```yaml
+{yaml.safe_dump(dict(architecture), sort_keys=False).strip()}
+```
+
+## Validation (the split's held-out images; one-step denoising at the oracle timestep, PSNR dB)
+
+| metric | value |
+|---|---|
+{val}
+
+## Reproduce
+
+```bash
+{command}
+```
+"""
+
+
+def append_validation(card: str, metrics: Mapping[str, float], where: str) -> str:
+    """A card used by another run: the metrics that run measured, appended."""
+    rows = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    return f"{card.rstrip()}\n\n## Validated again: {where}\n\n| metric | value |\n|---|---|\n{rows}\n"

@@ -1,0 +1,111 @@
+"""The shipped models (weights/): which set `uir` uses, `uir ship`, the backbone's model card, and a restore
+from a fresh clone before any `dvc repro`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main as uir
+from pipeline.models import folder
+from pipeline.models.folder import SHIPPED, resolve_models
+
+from .images import rgb
+
+
+def _cli(args, capsys):
+    try:
+        uir(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_last_dvc_repro_takes_precedence_over_the_shipped_set(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(folder, "SHIPPED", tiny_models)
+    assert resolve_models("elsewhere") == tmp_path.joinpath("elsewhere").relative_to(tmp_path)
+    assert resolve_models(None) == tiny_models, "no models/: the shipped set"
+    shutil.copytree(tiny_models / "backbone", tmp_path / "models" / "backbone")
+    assert resolve_models(None) == tiny_models, "an incomplete models/ (no router) is not used"
+    shutil.copytree(tiny_models / "router", tmp_path / "models" / "router")
+    assert str(resolve_models(None)) == "models"
+    monkeypatch.setattr(folder, "SHIPPED", tmp_path / "absent")
+    shutil.rmtree(tmp_path / "models")
+    assert str(resolve_models(None)) == "models", "nothing shipped: models/, whose checks name the stage to run"
+
+
+def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp_path, tiny_models, capsys):
+    target, trained = tmp_path / "shipped", tmp_path / "models"
+    shutil.copytree(tiny_models, trained)
+    shutil.copytree(tiny_models / "backbone", target / "backbone")
+    (trained / "restoration.json").write_text(json.dumps({"policy": "gated"}))
+    reports = tmp_path / "reports"
+    (reports / "train_lora").mkdir(parents=True)
+    (reports / "train_lora" / "noise.json").write_text(json.dumps({"rank": 2, "t_star": 200, "val/psnr": 27.5,
+                                                                    "val/input_psnr": 20.1}))
+    code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(reports)], capsys)
+    assert code == 0, out
+    assert sorted(p.name for p in (target / "loras").iterdir()) == ["blur", "noise"]
+    assert (target / "router" / "config.json").is_file() and (target / "restoration.json").is_file()
+    card = (target / "README.md").read_text()
+    assert "| noise | 2 | 200 (fixed) | 20.10 | 27.50 |" in card
+    code, out, _ = _cli(["info", "--models", str(target), "--json"], capsys)
+    assert code == 0 and set(json.loads(out)["adapters"]) == {"noise", "blur"}
+
+
+def test_uir_ship_refuses_adapters_trained_on_another_backbone(tmp_path, tiny_models, capsys):
+    import torch
+
+    from pipeline.models.backbone import load_backbone, save_backbone
+
+    unet, scheduler = load_backbone(tiny_models / "backbone")
+    with torch.no_grad():
+        next(unet.parameters()).add_(1)
+    save_backbone(tmp_path / "shipped" / "backbone", unet, scheduler)
+    code, _, err = _cli(["ship", "--models", str(tiny_models), "--to", str(tmp_path / "shipped")], capsys)
+    assert "is not the backbone" in str(code)
+    assert not (tmp_path / "shipped" / "loras").exists(), "nothing copied"
+
+
+def test_a_trained_backbone_carries_its_model_card(tmp_path):
+    from pipeline.models.card import append_validation, backbone_card, data_digest
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    records = []
+    for i, split in enumerate(["train", "train", "val"]):
+        Image.fromarray(rgb(16, 16, seed=i)).save(clean / f"{i}.png")
+        records.append({"name": str(i), "file": f"{i}.png", "source": f"/photos/{i}.jpg" if i else "embedded:coffee",
+                        "split": split, "width": 16, "height": 16})
+    (clean / "manifest.json").write_text(json.dumps({"images": records}))
+    digest = data_digest(clean)
+    assert digest["images"] == 2 and digest["sources"] == {"embedded": 1, "/photos": 1}
+    (clean / "1.png").write_bytes((clean / "0.png").read_bytes())
+    assert data_digest(clean)["sha256"] != digest["sha256"], "the hash covers the pixels"
+    card = backbone_card({"block_out_channels": [16, 32]}, {"batch_size": 16, "patch_size": 48, "lr": 6e-4,
+                                                           "warmup_steps": 40, "ema_decay": 0.995},
+                         620275, 800, 180.0, {"val/psnr_sigma25": 28.32}, digest, {"run_id": "abc123", "project": "p",
+                                                                                  "mode": "offline"}, "python -m x")
+    for needle in ("0.62 M parameters", digest["sha256"], "steps: 800", "3.0 min", "`abc123`", "| psnr_sigma25 | 28.32 |",
+                   "python -m x", "block_out_channels"):
+        assert needle in card
+    assert "| psnr_sigma25 | 28.40 |" in append_validation(card, {"val/psnr_sigma25": 28.4}, "here")
+
+
+@pytest.mark.skipif(not (SHIPPED / "router" / "config.json").is_file(), reason="no shipped models in this checkout")
+def test_a_fresh_clone_restores_with_the_shipped_models_before_any_dvc_repro(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no models/ here: as in a fresh clone
+    image = rgb(48, 64, seed=3)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    code, out, err = _cli(["restore", "a.png", "-o", "out", "--engine", "torch"], capsys)
+    assert code == 0, err
+    assert "using the shipped models" in err
+    restored = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert restored.shape == image.shape and restored.dtype == np.uint8
+    code, out, _ = _cli(["info", "--json"], capsys)
+    assert json.loads(out)["models"]["set"] == "shipped with the package"
