@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4, help="images per test set (0: all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["quality", "speed", "engines", "storage"],
                         help="growth: time a `dvc repro` after adding a degradation, in a clone (about 20 min)")
+    parser.add_argument("--sets", default=None, help="quality: only the benchmarks whose name matches this regex, "
+                                                    "e.g. 'CBSD68 noise'")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
     parser.add_argument("--out", default="reports/benchmarks")
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         for line in skipped:
             print(f"benchmarks: skipped {line}")
         methods, _ = load_methods(models)  # the settings `uir restore` uses
-        result["quality"] = quality.run(sets, methods, classical=not args.no_classical)
+        if args.sets:
+            sets = [bench for bench in sets if re.search(args.sets, bench.name)]
+        result["quality"] = quality.run(sets, methods, classical=not args.no_classical, backbone=models / "backbone")
         result["skipped"] = skipped
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
     write_json(out.with_suffix(".json"), result)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from benchmarks.testsets import PUBLISHED
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -16,15 +18,21 @@ def markdown(result: dict) -> str:
              f"threads, torch {m['torch']}), profile `{result['profile']}` ({runs})."]
     if "quality" in result:
         parts.append(f"\n**Quality on real photographs** ({result['images_per_set']} images per set; PSNR on RGB "
-                     "[0, 255], SSIM; seconds per image on this CPU). Noise: clean + N(0, σ²), a fixed seed per "
-                     "image; JPEG: Pillow at the given quality, RGB PSNR (not the Y-channel protocol); Kodak24 "
-                     "rows use the project's own degradations (blur kernels known to Wiener / Richardson–Lucy).")
+                     "[0, 255] and on the BT.601 Y channel (the JPEG literature's protocol), SSIM; seconds per image "
+                     "on this CPU). Noise: clean + N(0, σ²), a fixed seed per image; JPEG: Pillow at the given "
+                     "quality; Kodak24 rows use the project's own degradations (blur kernels known to Wiener / "
+                     "Richardson–Lucy). The last column: published results (RGB PSNR, from the test sets' README) — "
+                     "**published, not run here**.")
         benches = list(dict.fromkeys(r["benchmark"] for r in result["quality"]))
         rows = []
         for bench in benches:
             for r in (r for r in result["quality"] if r["benchmark"] == bench):
-                rows.append([bench, r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['seconds_per_image']:.2f}"])
-        parts.append(_table(["benchmark", "method", "PSNR", "SSIM", "s / image"], rows))
+                rows.append([bench, r["method"], f"{r['psnr']:.2f}", f"{r['psnr_y']:.2f}" if "psnr_y" in r else "—",
+                             f"{r['ssim']:.3f}", f"{r['seconds_per_image']:.2f}", ""])
+            for method, psnr in PUBLISHED.get(bench, {}).items():
+                rows.append([bench, method, "", "", "", "", f"{psnr:.2f}"])
+        parts.append(_table(["benchmark", "method", "PSNR", "PSNR (Y)", "SSIM", "s / image",
+                             "published, not run here"], rows))
         for line in result.get("skipped", []):
             parts.append(f"- skipped {line}")
     if "training" in result:

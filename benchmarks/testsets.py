@@ -16,6 +16,18 @@ from pipeline.images import read_image
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "testsets"
 
 
+# Published PSNR (dB, RGB) from ../shared/data/testsets/README.md: shown beside the benchmark, never run here.
+PUBLISHED = {
+    **{f"CBSD68 noise σ={sigma}": {"CBM3D": cbm3d, "CDnCNN-B": cdncnn, "FFDNet": ffdnet, "AirNet": airnet,
+                                   "PromptIR": promptir}
+       for sigma, cbm3d, cdncnn, ffdnet, airnet, promptir in [(15, 33.52, 33.90, 33.87, 33.92, 33.98),
+                                                            (25, 30.71, 31.24, 31.21, 31.26, 31.31),
+                                                            (50, 27.38, 27.95, 27.96, 28.00, 28.06)]},
+    **{f"Kodak24 noise σ={sigma}": {"CBM3D": cbm3d, "FFDNet": ffdnet}
+       for sigma, cbm3d, ffdnet in [(15, 34.28, 34.63), (25, 31.68, 32.13), (50, 28.46, 28.98)]},
+}
+
+
 @dataclass
 class Case:
     """One degraded test image: the clean reference, the degraded input, what degraded it."""

@@ -64,6 +64,30 @@ def test_known_kernel_deconvolution_sharpens_a_blurred_photo(photo, method):
     assert psnr(photo[inner], restored[inner]) > psnr(photo[inner], case.degraded[inner])
 
 
+def test_y_channel_psnr_follows_the_bt601_protocol(photo):
+    from benchmarks.quality import luma, score
+
+    assert luma(np.full((1, 1, 3), 255, np.uint8))[0, 0] == pytest.approx(235)
+    assert luma(np.zeros((1, 1, 3), np.uint8))[0, 0] == pytest.approx(16)
+    degraded = jpeg(photo, 10)
+    rgb, ssim, y = score(photo, degraded)
+    assert rgb == pytest.approx(psnr(photo, degraded)) and 0 < ssim < 1
+    assert y > rgb, "Y spans 219 of 255 levels and JPEG keeps luma best: its PSNR is higher"
+
+
+def test_noise_benchmarks_add_the_bare_backbone_at_the_oracle_timestep(photo, tiny_models):
+    from benchmarks.quality import BARE, run
+    from benchmarks.testsets import Benchmark
+
+    crop = photo[:40, :56]
+    noisy = Benchmark("noise σ=25", [Case("a", crop, gaussian_noise(crop, 25, seed=0), "noise", {"sigma": 25})])
+    jpeg_set = Benchmark("JPEG q=10", [Case("a", crop, jpeg(crop, 10), "jpeg")])
+    rows = run([noisy, jpeg_set], [], classical=False, backbone=tiny_models / "backbone")
+    assert {(r["benchmark"], r["method"]) for r in rows} == {
+        ("noise σ=25", "degraded input"), ("noise σ=25", BARE), ("JPEG q=10", "degraded input")}
+    assert all(np.isfinite(r["psnr_y"]) for r in rows)
+
+
 def test_storage_lists_each_model_with_its_size_and_parameters(tiny_models):
     rows = speed.storage(tiny_models)
     assert {r["model"] for r in rows} == {"backbone", "router", "LoRA noise", "LoRA blur"}
@@ -95,7 +119,8 @@ def test_report_renders_every_section():
                             "peak_rss_mb": 700}],
     }
     text = markdown(result)
-    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 |", "Cost of growth", "of matmul rate", "620,000", "1024²",
+    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 | — | 0.800 |", "| CBSD68 noise σ=25 | CBM3D |  |  |  |  | 30.71 |",
+                   "published, not run here", "Cost of growth", "of matmul rate", "620,000", "1024²",
                    "| ONNX Runtime fp32 | K=2 | 812 |", "| Kodak24 σ=25 | 30.00 | 29.50 |", "| QuantizeLinear | 0 % | 30 % |",
                    "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |"):
         assert needle in text
