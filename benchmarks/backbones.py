@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     if Path("models/backbone").is_dir():
         unet, scheduler = load_backbone("models/backbone")
-        rows.append({"name": "models/backbone (as trained by dvc repro)", **judge(unet, scheduler, images)})
+        rows.append({"name": "models/backbone of the last dvc repro", **judge(unet, scheduler, images)})
     for name in args.sizes:
         arch = architecture(params, SIZES[name])
         unet, scheduler, steps, seconds = train_for(params, arch, clean, 60 * args.budget_minutes, params.seed)

@@ -156,3 +156,19 @@ def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_model
     fp32, int8 = result["operators"]["fp32"], result["operators"]["int8"]
     assert "Conv" in fp32 and sum(fp32.values()) == pytest.approx(1)
     assert any(op.startswith("QLinear") or op.endswith("QuantizeLinear") for op in int8), "the int8 graph runs int8 kernels"
+
+
+def test_backbone_sizes_train_on_one_budget_and_are_judged_at_the_oracle_timestep(tiny_project, photo):
+    from benchmarks import backbones
+    from pipeline.config import load_params
+
+    params = load_params(tiny_project / "params.yaml")
+    arch = backbones.architecture(params, {"block_out_channels": [8, 16], "norm_num_groups": 4})
+    assert arch["down_block_types"] == ["DownBlock2D"] * 2 and arch["sample_size"] == params.backbone.architecture.sample_size
+    unet, scheduler, steps, seconds = backbones.train_for(params, arch, tiny_project / "data/clean", budget_s=3, seed=0)
+    assert steps >= 1 and seconds < 30
+    judged = backbones.judge(unet, scheduler, [photo[:40, :56]])
+    assert set(judged) == {"parameters", "psnr_sigma15", "psnr_sigma25", "psnr_sigma50", "ms_per_megapixel"}
+    row = {"name": "XS", "steps": steps, **judged}
+    text = backbones.markdown({"budget_minutes": 0.05, "threads": 2, "data": "embedded", "images": 1, "rows": [row]})
+    assert f"| XS | {judged['parameters'] / 1e6:.2f} M | {steps} |" in text
