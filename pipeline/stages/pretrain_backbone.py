@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         card = None
         if not cfg.pretrained:
             run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
-            command = (f"make params ARGS=profile={params.profile_name}   # params.yaml of this profile\n"
+            command = (f"make params ARGS=profile={params.profile_name}   # + the overrides that give the settings above\n"
                        f"python -m pipeline.stages.{STAGE} {' '.join(argv if argv is not None else sys.argv[1:])}")
             card = backbone_card(OmegaConf.to_container(cfg.architecture, resolve=True),
                                  OmegaConf.to_container(train, resolve=True), sizes["total"], int(trainer.global_step),
