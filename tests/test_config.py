@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ReadonlyConfigError
 
 from pipeline.config import compose_params, load_params
+from pipeline.schema import validate
 
 from .conftest import ROOT
 
@@ -30,10 +31,10 @@ def test_smoke_profile_overrides_the_sizes():
     assert smoke["degradations"] == default["degradations"] and smoke["prepare"] == default["prepare"]
 
 
-def test_every_profile_sets_the_same_keys():
+def test_every_profile_composes_to_the_same_keys():
     profiles = sorted(p.stem for p in (ROOT / "conf/profile").glob("*.yaml"))
-    assert {"smoke", "default", "gpu"} <= set(profiles)
-    shapes = {p: OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/profile/{p}.yaml")) for p in profiles}
+    assert {"smoke", "default", "gpu", "pretrain", "pretrain_gpu"} <= set(profiles)
+    shapes = {p: _compose(f"profile={p}") for p in profiles}
 
     def keys(d, prefix=""):
         return {prefix + k for k, v in d.items()} | {
@@ -41,6 +42,21 @@ def test_every_profile_sets_the_same_keys():
         }
 
     assert len({frozenset(keys(s)) for s in shapes.values()}) == 1
+    for name, params in shapes.items():
+        validate(params, source=f"profile={name}")  # every profile composes a valid params.yaml
+        assert params["profile_name"] == name
+
+
+def test_the_backbone_recipe_trains_on_cbsd432_and_the_default_profile_uses_the_shipped_backbone():
+    default, recipe, gpu = _compose(), _compose("profile=pretrain"), _compose("profile=pretrain_gpu")
+    assert default["backbone"]["pretrained"] == "weights/uir-lora-cbsd432/backbone"
+    assert (ROOT / default["backbone"]["pretrained"] / "config.json").is_file(), "the shipped backbone is in the repo"
+    assert recipe["backbone"]["pretrained"] is None and gpu["backbone"]["pretrained"] is None
+    assert recipe["prepare"]["folders"] == ["../shared/data/trainsets/CBSD432"] == gpu["prepare"]["folders"]
+    assert not any("testsets" in f for f in recipe["prepare"]["folders"]), "never train on the test sets"
+    assert recipe["backbone"]["architecture"] == default["backbone"]["architecture"] == gpu["backbone"]["architecture"]
+    assert gpu["trainer"]["precision"] == "bf16-mixed" and gpu["trainer"]["accelerator"] == "gpu"
+    assert _compose("profile=smoke")["backbone"]["pretrained"] is None, "the smoke run trains its own, in seconds"
 
 
 def test_load_params_is_strict_and_read_only():
