@@ -78,6 +78,7 @@ def train_for(params, arch: dict, clean: Path, budget_s: float, seed: int):
     optimizer = torch.optim.AdamW(probe.parameters(), lr=train.lr)
     batch = torch.rand(train.batch_size, 3, train.patch_size, train.patch_size) * 2 - 1
 
+    @torch.enable_grad()
     def step():
         ddpm_loss(probe, scheduler, batch).backward()
         optimizer.step()

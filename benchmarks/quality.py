@@ -64,21 +64,29 @@ def run(benchmarks: list[Benchmark], methods: list[Method], classical: bool = Tr
     networks = network_methods(methods)
     bare = bare_backbone(backbone) if backbone is not None else None
     rows = []
-    torch.set_grad_enabled(False)
-    for bench in tqdm(benchmarks, desc="quality", unit="set"):
-        methods = {"degraded input": lambda case: case.degraded, **networks}
-        if bare is not None and "sigma" in bench.cases[0].extra:
-            methods[BARE] = bare
-        if classical:
-            methods.update(methods_for(bench.cases[0]))
-        for name, method in methods.items():
-            scores, seconds = [], []
-            for case in bench.cases:
-                start = time.perf_counter()
-                restored = method(case)
-                seconds.append(time.perf_counter() - start)
-                scores.append(score(case.clean, restored))
-            psnr, ssim, psnr_y = np.mean(scores, axis=0)
-            rows.append({"benchmark": bench.name, "method": name, "images": len(bench.cases), "psnr": float(psnr),
-                         "ssim": float(ssim), "psnr_y": float(psnr_y), "seconds_per_image": float(np.mean(seconds))})
+    with torch.no_grad():
+        for bench in tqdm(benchmarks, desc="quality", unit="set"):
+            rows += _run_one(bench, networks, bare, classical)
+    return rows
+
+
+def _run_one(bench: Benchmark, networks: dict, bare: Callable | None, classical: bool) -> list[dict]:
+    """The rows of one benchmark: the degraded input, the project's networks, the bare backbone (noise sets)
+    and the classical methods that apply."""
+    methods = {"degraded input": lambda case: case.degraded, **networks}
+    if bare is not None and "sigma" in bench.cases[0].extra:
+        methods[BARE] = bare
+    if classical:
+        methods.update(methods_for(bench.cases[0]))
+    rows = []
+    for name, method in methods.items():
+        scores, seconds = [], []
+        for case in bench.cases:
+            start = time.perf_counter()
+            restored = method(case)
+            seconds.append(time.perf_counter() - start)
+            scores.append(score(case.clean, restored))
+        psnr, ssim, psnr_y = np.mean(scores, axis=0)
+        rows.append({"benchmark": bench.name, "method": name, "images": len(bench.cases), "psnr": float(psnr),
+                     "ssim": float(ssim), "psnr_y": float(psnr_y), "seconds_per_image": float(np.mean(seconds))})
     return rows
