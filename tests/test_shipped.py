@@ -8,21 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import main as uir
 from pipeline.models import folder
 from pipeline.models.folder import SHIPPED, resolve_models
 
 from .images import rgb
-
-
-def _cli(args, capsys):
-    try:
-        uir(args)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .test_restore import _run_cli as _cli
 
 
 def test_the_last_dvc_repro_takes_precedence_over_the_shipped_set(tmp_path, tiny_models, monkeypatch):
