@@ -316,14 +316,13 @@ def _operator_profile(composition: AdapterComposition, mix: dict, y: torch.Tenso
 
     import onnxruntime
 
-    from pipeline.models.export import calibration_tiles, export_onnx, quantize_int8
+    from pipeline.models.export import export_onnx, quantize_int8
 
     vector = composition.weights_for(mix)
     shares = {}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(composition, mix, Path(tmp) / "fp32.onnx")
-        calibration = [(t[None], composition.timesteps(vector, torch.from_numpy(t[None])).numpy()) for t in calibration_tiles()]
-        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration)
+        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx", composition, mix)
         feeds = {"image": y.numpy(), "timestep": composition.timesteps(vector, y).numpy()}
         for label, model in (("fp32", fp32), ("int8", int8)):
             options = onnxruntime.SessionOptions()

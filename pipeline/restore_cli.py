@@ -202,7 +202,7 @@ def export_main(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.models.composition import AdapterComposition
-    from pipeline.models.export import calibration_tiles, export_onnx, quantize_int8, require_runtime
+    from pipeline.models.export import export_onnx, quantize_int8, require_runtime
     from pipeline.models.folder import ModelsFolder
     from pipeline.models.router import DegradationRouter
 
@@ -219,10 +219,7 @@ def export_main(args: argparse.Namespace) -> int:
     for mix in mixes:
         path = export_onnx(composition, mix, out / ("+".join(f"{n}={w:g}" for n, w in sorted(mix.items())) + ".onnx"))
         if args.precision == "int8":
-            vector = composition.weights_for(mix)
-            calibration = [(tile[None], composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
-                           for tile in calibration_tiles()]
-            fp32, path = path, quantize_int8(path, path.with_suffix(".int8.onnx"), calibration)
+            fp32, path = path, quantize_int8(path, path.with_suffix(".int8.onnx"), composition, mix)
             fp32.unlink()
         print(f"wrote {path}")
     if not args.no_router and (folder.router / "config.json").is_file():

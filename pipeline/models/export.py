@@ -136,9 +136,12 @@ def calibration_tiles(side: int = 256, sigmas: tuple[int, ...] = (0, 10, 25, 50)
     return tiles
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: list[tuple[np.ndarray, np.ndarray]]) -> Path:
+def quantize_int8(fp32: Path, out: Path, composition: AdapterComposition, mix: Mapping[str, float]) -> Path:
     """ONNX Runtime static int8 quantisation of ``fp32`` (QDQ, per-channel weights, uint8 activations),
-    calibrated on ``(image, timestep)`` batches."""
+    calibrated on ``calibration_tiles`` at the timesteps ``mix``'s rules give them."""
+    vector = composition.weights_for(mix)
+    calibration = [(tile[None], composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
+                   for tile in calibration_tiles()]
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -206,10 +209,7 @@ class OnnxEngine:
             if not file.is_file():
                 export_onnx(self.composition, dict(key), file)
             if self.precision == "int8":
-                vector = self.composition.weights_for(dict(key))
-                calibration = [(tile[None], self.composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
-                               for tile in calibration_tiles()]
-                file = quantize_int8(file, file.with_suffix(".int8.onnx"), calibration)
+                file = quantize_int8(file, file.with_suffix(".int8.onnx"), self.composition, dict(key))
             threads = torch.get_num_threads()
             self._runners[key] = (_onnxruntime_runner(file, threads) if self.engine == "onnxruntime"
                                   else _openvino_runner(file, self.precision, threads))
