@@ -43,9 +43,10 @@ plots: $(STAMP) .plots/node_modules  ## `dvc plots show` with the chart librarie
 compare: $(STAMP)  ## the experiments of this commit side by side: changed params and headline metrics
 	$(BIN)/python -m pipeline.evaluation.compare $(ARGS)
 
-seeds: $(STAMP)  ## the whole study once per seed (DVC experiments, workspace untouched), then mean ± std
+seeds: $(STAMP)  ## the whole study once per seed (DVC experiments, workspace untouched), then mean ± std (and README Results)
 	for s in $(SEEDS); do $(BIN)/dvc exp run --temp -S seed=$$s $(ARGS) || exit 1; done
 	$(BIN)/python -m pipeline.evaluation.compare --over-seeds
+	$(BIN)/python -m pipeline.evaluation.results --over-seeds
 
 retrain: $(STAMP)  ## what CI's retrain workflow runs: pull, repro or exp run -S $$SET_PARAMS, push, metrics diff
 	scripts/retrain.sh

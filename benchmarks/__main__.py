@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                                                     "e.g. 'CBSD68 noise'")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
+    parser.add_argument("--classical", default=".", help="quality: only the classical methods whose name matches "
+                                                         "this regex, e.g. 'NLM' (CBM3D takes ~10 s per image)")
     parser.add_argument("--out", default="reports/benchmarks")
     parser.add_argument("--update", action="store_true",
                         help="keep the other sections of an existing <out>.json (e.g. add growth to a full run)")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         methods, _ = load_methods(models)  # the settings `uir restore` uses
         if args.sets:
             sets = [bench for bench in sets if re.search(args.sets, bench.name)]
-        result["quality"] = quality.run(sets, methods, classical=not args.no_classical, backbone=models / "backbone")
+        result["quality"] = quality.run(sets, methods, classical=None if args.no_classical else args.classical, backbone=models / "backbone")
         result["skipped"] = skipped
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
     write_json(out.with_suffix(".json"), result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,10 +58,11 @@ def score(clean: np.ndarray, restored: np.ndarray) -> tuple[float, float, float]
     return float(psnr), float(ssim), float(psnr_y)
 
 
-def run(benchmarks: list[Benchmark], methods: list[Method], classical: bool = True,
+def run(benchmarks: list[Benchmark], methods: list[Method], classical: str | None = ".",
         backbone: Path | None = None) -> list[dict]:
     """One row per (benchmark, method): mean PSNR (RGB and Y), SSIM and seconds per image; on noise benchmarks
-    also the bare ``backbone`` at the oracle timestep."""
+    also the bare ``backbone`` at the oracle timestep. ``classical``: the classical methods whose name matches
+    this regex run too (None: none)."""
     networks = network_methods(methods)
     bare = bare_backbone(backbone) if backbone is not None else None
     rows = []
@@ -70,14 +72,14 @@ def run(benchmarks: list[Benchmark], methods: list[Method], classical: bool = Tr
     return rows
 
 
-def _run_one(bench: Benchmark, networks: dict, bare: Callable | None, classical: bool) -> list[dict]:
+def _run_one(bench: Benchmark, networks: dict, bare: Callable | None, classical: str | None) -> list[dict]:
     """The rows of one benchmark: the degraded input, the project's networks, the bare backbone (noise sets)
     and the classical methods that apply."""
     methods = {"degraded input": lambda case: case.degraded, **networks}
     if bare is not None and "sigma" in bench.cases[0].extra:
         methods[BARE] = bare
-    if classical:
-        methods.update(methods_for(bench.cases[0]))
+    if classical is not None:
+        methods.update({k: v for k, v in methods_for(bench.cases[0]).items() if re.search(classical, k)})
     rows = []
     for name, method in methods.items():
         scores, seconds = [], []

@@ -165,7 +165,8 @@ def restore_main(args: argparse.Namespace) -> int:
             image = read_image(path)
             if forced is None:
                 analysis = restorer.analyse(image)
-                entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown)
+                entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown,
+                             presence={n: round(p, 4) for n, p in analysis.presence.items()})
                 skipped = analysis.unknown and settings.unknown == "identity"
                 described = ("unknown degradation" + (" (left unchanged)" if skipped else "")) if analysis.unknown \
                     else " then ".join(", ".join(f"{n} {w:.2f}" for n, w in step.items()) for step in analysis.steps)
@@ -226,10 +227,12 @@ def export_main(args: argparse.Namespace) -> int:
         router = DegradationRouter.from_pretrained(folder.router)
         with torch.no_grad():
             torch.onnx.export(router, (torch.zeros(1, 3, 64, 64),), str(out / "router.onnx"), input_names=["image"],
-                              output_names=["logits"], dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                                                     "logits": {0: "batch"}},
+                              output_names=["logits", "presence_logits"],
+                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
+                                            "presence_logits": {0: "batch"}},
                               opset_version=17, dynamo=False)
-        print(f"wrote {out / 'router.onnx'} (logits s/τ over {router.names}; softmax and the policy are applied outside)")
+        print(f"wrote {out / 'router.onnx'} (logits s/τ and presence logits over {router.names}; softmax, sigmoid "
+              "and the policy are applied outside)")
     return 0
 
 
@@ -266,7 +269,7 @@ def info_main(args: argparse.Namespace) -> int:
 
     settings_file = models / SETTINGS_FILE
     settings = RestorationSettings.load(settings_file) if settings_file.is_file() else RestorationSettings()
-    info["restoration"] = {**settings.__dict__, "undo_order": list(settings.undo_order),
+    info["restoration"] = {**settings.as_dict(),
                            "source": str(settings_file) if settings_file.is_file() else "built-in defaults"}
     router = DegradationRouter.from_pretrained(models / "router")
     info["router"] = {"prototypes": router.config.prototypes, "degradations": router.names,

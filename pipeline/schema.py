@@ -156,7 +156,7 @@ class RestorationChoice(Strict):
     policy: Literal["top1", "gated", "topk"] = None
     top_k: int = Field(default=None, ge=1)
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
-    composition: Literal["sequential", "weights"] = None
+    composition: Literal["sequential", "weights", "planned"] = None
 
 
 class Restoration(Strict):
@@ -166,7 +166,7 @@ class Restoration(Strict):
     policy: Literal["top1", "gated", "topk"]
     top_k: int = PositiveInt
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
-    composition: Literal["sequential", "weights"]
+    composition: Literal["sequential", "weights", "planned"]
     unknown: Literal["identity", "route"]
     undo_order: list[str]
     choose_on_validation: bool

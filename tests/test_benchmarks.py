@@ -82,10 +82,12 @@ def test_noise_benchmarks_add_the_bare_backbone_at_the_oracle_timestep(photo, ti
     crop = photo[:40, :56]
     noisy = Benchmark("noise σ=25", [Case("a", crop, gaussian_noise(crop, 25, seed=0), "noise", {"sigma": 25})])
     jpeg_set = Benchmark("JPEG q=10", [Case("a", crop, jpeg(crop, 10), "jpeg")])
-    rows = run([noisy, jpeg_set], [], classical=False, backbone=tiny_models / "backbone")
+    rows = run([noisy, jpeg_set], [], classical=None, backbone=tiny_models / "backbone")
     assert {(r["benchmark"], r["method"]) for r in rows} == {
         ("noise σ=25", "degraded input"), ("noise σ=25", BARE), ("JPEG q=10", "degraded input")}
     assert all(np.isfinite(r["psnr_y"]) for r in rows)
+    rows = run([noisy], [], classical="NLM", backbone=None)  # a regex picks the classical methods
+    assert [r["method"] for r in rows] == ["degraded input", "NLM (skimage)"]
 
 
 def test_storage_lists_each_model_with_its_size_and_parameters(tiny_models):

@@ -7,6 +7,8 @@ import pytest
 
 from pipeline.evaluation.compare import experiments, main, over_seeds
 
+from .conftest import ROOT
+
 
 def _entry(rev: str, name: str, seed: int, policy: str, uir: float) -> dict:
     return {"rev": rev, "name": name, "data": {
@@ -42,3 +44,46 @@ def test_the_table_prints(tmp_path, capsys):
     main(["--json", str(tmp_path / "show.json"), "--over-seeds"])
     out = capsys.readouterr().out
     assert "21.200 ± 0.200" in out and "seeds" in out.splitlines()[0]
+
+
+def _metrics(seed: int, uir: float) -> dict:
+    table = {"uir_lora": {"psnr": uir, "ssim": 0.6}, "multitask": {"psnr": 21.0, "ssim": 0.5}}
+    return {"labels": {"uir_lora": "UIR-LoRA", "multitask": "multi-task"}, "single": table, "mixed": table,
+            "router": {"top1_accuracy": 0.9, "mix_recall": 0.8, "unknown_rate": 0.0, "single_given_two_or_more": 0.1,
+                       "mixed_given_two_or_more": 0.5},
+            "restoration": {"policy": "gated", "composition": "planned", "mix_threshold_used": 0.5}}
+
+
+def test_the_results_table_over_seeds_reads_each_run_from_git(tmp_path, monkeypatch):
+    """`make seeds` ends with the README table as mean ± std over the runs whose params differ in seed alone."""
+    import subprocess
+
+    import yaml
+
+    from pipeline.evaluation.results import END, START
+    from pipeline.evaluation.results import main as results
+
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    show = [{"rev": "workspace", "name": None, "data": {}}]
+    revs = {}
+    for seed, uir, policy in ((1, 22.0, "gated"), (2, 22.4, "gated"), (3, 21.0, "top1")):
+        run_params = {**params, "seed": seed, "restoration": {**params["restoration"], "policy": policy}}
+        (repo / "reports" / "metrics.json").write_text(json.dumps(_metrics(seed, uir)))
+        git("add", "-A"), git("commit", "-qm", f"seed {seed}")
+        revs[seed] = git("rev-parse", "HEAD")
+        show.append({"rev": revs[seed], "name": f"s{seed}", "data": {
+            "params": {"params.yaml": {"data": run_params}}, "metrics": {"reports/headline.json": {"data": {"uir": uir}}}}})
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "seed": 9}))
+    (repo / "show.json").write_text(json.dumps(show))
+    (repo / "README.md").write_text(f"# x\n{START}\nold\n{END}\nrest\n")
+    results(["--over-seeds", "--json", "show.json"])
+    text = (repo / "README.md").read_text()
+    assert "mean ± std over 2 seeds** (1, 2;" in text  # seed 3 differs in policy: not one of them
+    assert f"| UIR-LoRA | {statistics.mean([22.0, 22.4]):.2f} ± {statistics.stdev([22.0, 22.4]):.2f} |" in text.replace("**UIR-LoRA** as shipped (the candidate chosen on validation, per seed)", "UIR-LoRA")
+    assert "| multi-task | 21.00 ± 0.00 | 0.500 ± 0.000 |" in text and text.endswith(f"{END}\nrest\n") and "old" not in text

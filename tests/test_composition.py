@@ -142,22 +142,29 @@ def _direct(folders, name, y, t_star):
     return y - ((1 - alpha_bar) / alpha_bar).sqrt() * epsilon
 
 
-@pytest.mark.parametrize("composition_kind", ["sequential", "weights"])
-def test_mixes_restore_exactly_as_a_direct_reference(folders, composition, composition_kind):
+@pytest.mark.parametrize("composition_kind,plan,order", [
+    ("sequential", None, ("haze", "noise")),
+    ("weights", None, None),
+    ("planned", [["noise"], ["haze"]], ("noise", "haze")),  # the plan's order, not undo_order's
+    ("planned", [["haze", "noise"]], None),  # a plan that merges: the weights reference
+])
+def test_mixes_restore_exactly_as_a_direct_reference(folders, composition, composition_kind, plan, order):
     """`sequential`: each adapter alone at its own t*, the one undoing the last-applied degradation first;
-    `weights`: W + Σ w_i ΔW_i at the weight-averaged t* (reference: PEFT's `cat` merge of the two)."""
+    `weights`: W + Σ w_i ΔW_i at the weight-averaged t* (reference: PEFT's `cat` merge of the two);
+    `planned`: the pair's plan, one of the two."""
     from pipeline.models.restorer import RestorationSettings, UniversalRestorer
 
-    restorer = UniversalRestorer(composition, settings=RestorationSettings(composition=composition_kind,
-                                                                           undo_order=("haze", "noise")), tile=16, overlap=0)
+    plans = {} if plan is None else {"haze+noise": plan}
+    restorer = UniversalRestorer(composition, settings=RestorationSettings(
+        composition=composition_kind, undo_order=("haze", "noise"), plans=plans), tile=16, overlap=0)
     torch.manual_seed(3)
     image = torch.rand(3, 16, 16)
     got = restorer.restore(image, weights={"noise": 0.5, "haze": 0.5})
     y = image[None] * 2 - 1
-    if composition_kind == "sequential":
-        assert restorer.steps({"noise": 0.5, "haze": 0.5}) == [{"haze": 1.0}, {"noise": 1.0}]
-        first = _direct(folders, "haze", y, SETTINGS["haze"][1]).clamp(-1, 1)
-        expected = _direct(folders, "noise", first, SETTINGS["noise"][1]).clamp(-1, 1)
+    if order is not None:
+        assert restorer.steps({"noise": 0.5, "haze": 0.5}) == [{order[0]: 1.0}, {order[1]: 1.0}]
+        first = _direct(folders, order[0], y, SETTINGS[order[0]][1]).clamp(-1, 1)
+        expected = _direct(folders, order[1], first, SETTINGS[order[1]][1]).clamp(-1, 1)
     else:
         unet, scheduler = load_backbone(folders / "backbone")
         model = PeftModel.from_pretrained(unet, str(folders / "noise"), adapter_name="noise")

@@ -298,6 +298,43 @@ def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path)
     assert RestorationSettings.load(tmp_path / SETTINGS_FILE) == chosen
 
 
+def test_plans_are_chosen_per_pair_on_validation_and_saved(tiny_models, tmp_path):
+    from pipeline.evaluation.selection import PairedImages, choose_plans, psnr
+    from pipeline.models.restorer import SETTINGS_FILE
+
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
+    mix = PairedImages("noise+blur", "mixed", [rgb(32, 48, seed=3), rgb(24, 24, seed=5)],
+                       [rgb(32, 48, seed=4), rgb(24, 24, seed=6)])
+    sets = [PairedImages("noise", "single", [rgb(32, 32, seed=1)], [rgb(32, 32, seed=2)]), mix]
+    plans, rows = choose_plans(restorer, sets)
+    options = {"blur then noise": [["blur"], ["noise"]], "noise then blur": [["noise"], ["blur"]],
+               "weights": [["blur", "noise"]]}
+    expected = {}
+    for label, plan in options.items():
+        forced = restorer.with_settings(composition="planned", plans={"blur+noise": plan})
+        expected[label] = np.mean([psnr(forced.restore(lq, weights={"noise": 0.5, "blur": 0.5}), gt)
+                                   for lq, gt in zip(mix.degraded, mix.clean)])
+    best = max(expected, key=expected.get)
+    assert rows == [{"mix": "blur+noise", "chosen": best, "val_psnr": pytest.approx(expected)}]
+    assert {k: [list(step) for step in v] for k, v in plans.items()} == {"blur+noise": options[best]}
+    settings = RestorationSettings(composition="planned", plans=plans)
+    settings.save(tmp_path / SETTINGS_FILE)
+    assert RestorationSettings.load(tmp_path / SETTINGS_FILE) == settings
+    steps = restorer.with_settings(composition="planned", plans=plans).steps({"noise": 0.3, "blur": 0.7})
+    assert steps == [{name: 1 / len(step) for name in step} for step in options[best]]  # the plan, in equal parts
+
+
+@pytest.mark.parametrize("plans", [
+    {"noise+blur": [["noise"], ["blur"]]},  # key not sorted
+    {"blur+noise": [["noise"]]},  # an adapter missing
+    {"blur+noise": [["noise"], ["noise"], ["blur"]]},  # applied twice
+    {"blur+noise": [["blur", "noise"], []]},  # an empty step
+])
+def test_a_plan_must_apply_each_adapter_of_its_key_once(plans):
+    with pytest.raises(ValueError, match="must apply each adapter"):
+        RestorationSettings(composition="planned", plans=plans)
+
+
 def test_the_models_folder_settings_are_what_restore_uses(tiny_models, tmp_path):
     from pipeline.models.restorer import SETTINGS_FILE
 

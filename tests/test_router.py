@@ -3,45 +3,47 @@
 import pytest
 import torch
 
-from pipeline.models.router import DegradationRouter, RouterConfig, select_adapters, top_k_weights
+from pipeline.models.router import DegradationRouter, RouterConfig, select_adapters
 
 
 @pytest.mark.parametrize(
-    "logits,k,expected",
+    "probabilities,k,expected",
     [
-        ([[3.0, 1.0, 2.0]], 1, [[1.0, 0.0, 0.0]]),  # K = 1: one-hot on the best
-        ([[0.0, 0.0, 0.0]], 1, [[1.0, 0.0, 0.0]]),  # a tie keeps the lowest index
-        ([[1.0, 2.0, 2.0]], 1, [[0.0, 1.0, 0.0]]),
-        ([[0.0, 0.0, 0.0]], 2, [[0.5, 0.5, 0.0]]),
-        ([[0.0, 0.0, 0.0]], 3, [[1 / 3, 1 / 3, 1 / 3]]),  # K = N: everything, renormalised
-        ([[0.0, 0.0, 0.0]], 7, [[1 / 3, 1 / 3, 1 / 3]]),  # K > N: the same as K = N
+        ([[0.5, 0.2, 0.3]], 1, [[1.0, 0.0, 0.0]]),  # K = 1: one-hot on the best
+        ([[1 / 3, 1 / 3, 1 / 3]], 1, [[1.0, 0.0, 0.0]]),  # a tie keeps the lowest index
+        ([[0.2, 0.4, 0.4]], 1, [[0.0, 1.0, 0.0]]),
+        ([[1 / 3, 1 / 3, 1 / 3]], 2, [[0.5, 0.5, 0.0]]),
+        ([[1 / 3, 1 / 3, 1 / 3]], 3, [[1 / 3, 1 / 3, 1 / 3]]),  # K = N: everything, renormalised
+        ([[1 / 3, 1 / 3, 1 / 3]], 7, [[1 / 3, 1 / 3, 1 / 3]]),  # K > N: the same as K = N
+        ([[0.5, 0.3, 0.15, 0.05]], 2, [[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]]),  # the kept mass, renormalised
     ],
 )
-def test_top_k_weights_table(logits, k, expected):
-    assert torch.allclose(top_k_weights(torch.tensor(logits), k), torch.tensor(expected))
-
-
-def test_top_k_renormalises_the_kept_softmax_mass():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 5.0, 4.0, 0.0]])
-    weights = top_k_weights(logits, 2)
-    probs = logits.softmax(-1)
-    assert torch.allclose(weights.sum(-1), torch.ones(2))
-    assert (weights > 0).sum(-1).tolist() == [2, 2]
-    assert torch.allclose(weights[0, :2], probs[0, :2] / probs[0, :2].sum())
-    assert weights[1, 1] > weights[1, 2] > 0 and weights[1, 0] == weights[1, 3] == 0
-
-
-@pytest.mark.parametrize("probabilities,policy,expected", [
-    ([[0.90, 0.08, 0.02]], "gated", [[1.0, 0.0, 0.0]]),  # a pure single: one adapter, never a slice of another
-    ([[0.55, 0.40, 0.05]], "gated", [[0.55 / 0.95, 0.40 / 0.95, 0.0]]),  # a detected mix: two
-    ([[0.29, 0.30, 0.41]], "gated", [[0.0, 0.30 / 0.71, 0.41 / 0.71]]),  # the two most probable, whatever their index
-    ([[0.34, 0.33, 0.33]], "gated", [[0.34 / 0.67, 0.33 / 0.67, 0.0]]),  # at most top_k, ties to the lower index
-    ([[0.55, 0.40, 0.05]], "top1", [[1.0, 0.0, 0.0]]),
-    ([[0.90, 0.08, 0.02]], "topk", [[0.90 / 0.98, 0.08 / 0.98, 0.0]]),  # the paper's: always K
-])
-def test_routing_policies(probabilities, policy, expected):
-    weights = select_adapters(torch.tensor(probabilities), policy, top_k=2, mix_threshold=0.3)
+def test_top_k_table(probabilities, k, expected):
+    weights = select_adapters(torch.tensor(probabilities), "topk", top_k=k)
     assert torch.allclose(weights, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("probabilities,presence,policy,expected", [
+    # a pure single: one adapter, never a slice of another, however close the softmax's second
+    ([[0.90, 0.08, 0.02]], [[0.95, 0.05, 0.01]], "gated", [[1.0, 0.0, 0.0]]),
+    ([[0.51, 0.49, 0.00]], [[0.90, 0.20, 0.01]], "gated", [[1.0, 0.0, 0.0]]),
+    # a detected mix: two, in equal parts; the second is the most present other, not the second most probable
+    ([[0.55, 0.40, 0.05]], [[0.90, 0.10, 0.80]], "gated", [[0.5, 0.0, 0.5]]),
+    ([[0.29, 0.30, 0.41]], [[0.60, 0.20, 0.70]], "gated", [[0.5, 0.0, 0.5]]),  # the first is the most probable
+    ([[0.40, 0.30, 0.30]], [[0.10, 0.25, 0.29]], "gated", [[1.0, 0.0, 0.0]]),  # present or not, the most probable stays
+    ([[0.34, 0.33, 0.33]], [[0.9, 0.9, 0.9]], "gated", [[0.5, 0.5, 0.0]]),  # at most top_k, ties to the lower index
+    ([[0.55, 0.40, 0.05]], [[0.90, 0.90, 0.00]], "top1", [[1.0, 0.0, 0.0]]),
+    ([[0.90, 0.08, 0.02]], [[0.90, 0.00, 0.00]], "topk", [[0.90 / 0.98, 0.08 / 0.98, 0.0]]),  # the paper's: always K
+])
+def test_routing_policies(probabilities, presence, policy, expected):
+    weights = select_adapters(torch.tensor(probabilities), policy, top_k=2, mix_threshold=0.3,
+                              presence=torch.tensor(presence))
+    assert torch.allclose(weights, torch.tensor(expected))
+
+
+def test_gated_routing_needs_presence():
+    with pytest.raises(ValueError, match="presence"):
+        select_adapters(torch.ones(1, 2) / 2, "gated")
 
 
 def test_an_unknown_policy_is_refused():
@@ -51,7 +53,7 @@ def test_an_unknown_policy_is_refused():
 
 def test_k_must_be_positive():
     with pytest.raises(ValueError, match="K >= 1"):
-        top_k_weights(torch.zeros(1, 3), 0)
+        select_adapters(torch.ones(1, 3) / 3, "topk", top_k=0)
 
 
 @pytest.fixture()
@@ -60,15 +62,35 @@ def router():
     return DegradationRouter(RouterConfig(names=["noise", "blur", "haze"], embed_dim=8, width=4)).eval()
 
 
-def test_route_returns_probabilities_similarity_and_unknown(router):
+def test_route_returns_probabilities_similarity_presence_and_unknown(router):
     images = torch.rand(3, 3, 40, 24) * 2 - 1  # any size
     routing = router.route(images)
-    assert routing.probabilities.shape == routing.similarity.shape == (3, 3)
+    assert routing.probabilities.shape == routing.similarity.shape == routing.presence.shape == (3, 3)
+    assert ((routing.presence > 0) & (routing.presence < 1)).all()
+    assert sorted(routing.ranking()[0].tolist()) == [0, 1, 2]
+    assert routing.ranking()[:, 0].tolist() == routing.probabilities.argmax(-1).tolist()
     assert torch.allclose(routing.probabilities.sum(-1), torch.ones(3))
     assert torch.allclose(routing.probabilities, (routing.similarity / router.config.temperature).softmax(-1))
     assert not routing.unknown.any()  # threshold -1: nothing is unknown
     router.config.threshold = 1.01
     assert router.route(images).unknown.all()
+
+
+def test_the_presence_output_does_not_train_the_encoder(router):
+    logits, presence = router(torch.rand(2, 3, 32, 32) * 2 - 1)
+    presence.sum().backward()
+    assert router.presence.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in router.encoder.parameters()) and router.head.weight.grad is None
+    logits.sum().backward()
+    assert all(p.grad is not None for p in router.encoder.parameters())
+
+
+def test_routing_over_crops_averages_similarity_and_presence(router):
+    crops = torch.rand(4, 3, 32, 32) * 2 - 1
+    each, whole = router.route(crops), router.route_crops(crops)
+    assert torch.allclose(whole.similarity, each.similarity.mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(whole.presence, each.presence.mean(0, keepdim=True), atol=1e-6)
+    assert whole.probabilities.shape == (1, 3)
 
 
 def test_save_and_load_round_trip(tmp_path, router):
@@ -78,6 +100,17 @@ def test_save_and_load_round_trip(tmp_path, router):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     assert loaded.config == router.config
     assert torch.equal(loaded.route(images).probabilities, router.route(images).probabilities)
+    assert torch.equal(loaded.route(images).presence, router.route(images).presence)
+
+
+def test_a_router_without_presence_output_is_refused(tmp_path, router):
+    from safetensors.torch import load_file, save_file
+
+    router.save_pretrained(tmp_path / "router")
+    state = load_file(str(tmp_path / "router" / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("presence.")}, str(tmp_path / "router" / "model.safetensors"))
+    with pytest.raises(ValueError, match="without presence output.*dvc repro fit_router"):
+        DegradationRouter.from_pretrained(tmp_path / "router")
 
 
 def test_missing_router_names_its_stage(tmp_path):
@@ -101,4 +134,4 @@ def test_text_prototypes_embed_the_descriptions(params):
     similarity = prototypes @ prototypes.T
     assert (similarity.diag() > similarity.fill_diagonal_(0).max(dim=-1).values).all()
     router = DegradationRouter(RouterConfig(names=names, embed_dim=384, width=4, prototypes="text"), prototypes)
-    assert not router.prototypes.requires_grad and router.route(torch.rand(1, 3, 32, 32)).weights.shape == (1, len(names))
+    assert not router.prototypes.requires_grad and router.route(torch.rand(1, 3, 32, 32)).probabilities.shape == (1, len(names))

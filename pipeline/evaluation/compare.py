@@ -19,13 +19,13 @@ from typing import Any
 HEADLINE = "reports/headline.json"
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, list) else value
     return flat
 
 
@@ -39,8 +39,8 @@ def experiments(show: list[dict]) -> list[dict]:
         metrics = ((data.get("metrics") or {}).get(HEADLINE) or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params:
-            rows.append({"name": entry.get("name") or data.get("rev", entry.get("rev", "?"))[:7],
-                         "params": _flatten(params), "metrics": metrics})
+            rev = data.get("rev", entry.get("rev", "?"))
+            rows.append({"name": entry.get("name") or rev[:7], "rev": rev, "params": flatten(params), "metrics": metrics})
 
     for commit in show:
         if commit.get("rev") == "workspace":

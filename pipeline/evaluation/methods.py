@@ -74,11 +74,11 @@ def load_methods(models: str | Path, settings: RestorationSettings | None = None
     variants = {
         "uir_lora_top1": ("UIR-LoRA, top-1 routing", restorer.with_settings(policy="top1")),
         **{f"uir_lora_gated_{c}": (f"UIR-LoRA, gated routing, {c} mixing", restorer.with_settings(policy="gated", composition=c))
-           for c in ("sequential", "weights")},
+           for c in ("sequential", "weights", "planned")},
         "uir_lora_paper": (f"UIR-LoRA as in the paper (top-{shipped.top_k}, weight-space mixing)",
                            restorer.with_settings(policy="topk", composition="weights")),
     }
-    oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights")}
+    oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights", "planned")}
     threshold = "" if shipped.policy != "gated" else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
     methods = [
         Method("input", "degraded input", lambda image, truth: image),

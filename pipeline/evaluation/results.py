@@ -1,14 +1,20 @@
 """Write the README's "Results" section from ``reports/metrics.json`` and copy one sample grid into
-``docs/``: the numbers in the README are what the last ``dvc repro`` gave, never typed by hand.
+``docs/``: the numbers in the README are what the last ``dvc repro`` gave, never typed by hand. With
+``--over-seeds``, the table is mean ± std over this commit and its experiments that differ from the
+workspace's params in ``seed`` alone (``make seeds``), each run's ``reports/metrics.json`` read from git.
 
-    python -m pipeline.evaluation.results          (or: make results)
+    python -m pipeline.evaluation.results                (or: make results)
+    python -m pipeline.evaluation.results --over-seeds   (the last step of make seeds)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
+import statistics
+import subprocess
 from pathlib import Path
 
 from pipeline.config import load_params
@@ -40,12 +46,85 @@ def results_markdown(metrics: dict, params, sample: str) -> str:
         f"of mixed test images; {100 * router['unknown_rate']:.1f}% were flagged unknown and "
         + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored anyway (`unknown: route`)."),
         "",
-        f"![degraded, multi-task, UIR-LoRA, clean](docs/{Path(sample).name})",
-        "",
-        f"*{Path(sample).stem.removeprefix('sample_')}: degraded | multi-task | UIR-LoRA | clean.* "
-        "Per-set numbers: `reports/single.csv`, `reports/mixed.csv`, `reports/plots/psnr.png`.",
+        *_sample_lines(sample),
     ]
     return "\n".join(lines)
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None) -> str:
+    """The results table as mean ± std (sample std) over ``runs`` (seed -> that run's metrics.json)."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    lines = [
+        f"Profile `{params.profile_name}`, **mean ± std over {len(seeds)} seeds** ({', '.join(map(str, seeds))}; "
+        f"each seed synthesises its data and trains every model anew); test PSNR (dB) / SSIM, averaged over the "
+        f"{len(params.degradations)} single and {len(params.mixed)} mixed test sets "
+        f"({params.synthesis.test_crops} crops of {params.synthesis.eval_crop}² each).",
+        "",
+        "| method | single PSNR | single SSIM | mixed PSNR | mixed SSIM |",
+        "|---|---|---|---|---|",
+    ]
+    for method, label in first["labels"].items():
+        if method == "uir_lora":
+            label = "**UIR-LoRA** as shipped (the candidate chosen on validation, per seed)"
+        if not all(method in runs[s]["single"] and method in runs[s]["mixed"] for s in seeds):
+            continue
+        cells = [_mean_std([runs[s][kind][method][metric] for s in seeds], 2 if metric == "psnr" else 3)
+                 for kind in ("single", "mixed") for metric in ("psnr", "ssim")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    router = {k: [runs[s]["router"][k] for s in seeds] for k in ("top1_accuracy", "mix_recall", "unknown_rate",
+                                                                 "single_given_two_or_more", "mixed_given_two_or_more")}
+    chosen = "; ".join(f"{s}: {runs[s]['restoration']['policy']}, {runs[s]['restoration']['composition']}"
+                       + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] == "gated" else "")
+                       for s in seeds)
+    lines += [
+        "",
+        f"Router: top-1 accuracy {_mean_std(router['top1_accuracy'], 3)} on the single test sets; recall of the true "
+        f"components among its first |mix| adapters {_mean_std(router['mix_recall'], 3)}; flagged unknown "
+        f"{_mean_std(router['unknown_rate'], 3)}. As shipped, two or more adapters went to "
+        f"{_mean_std(router['single_given_two_or_more'], 3)} of single and {_mean_std(router['mixed_given_two_or_more'], 3)} "
+        f"of mixed test images. Chosen on validation (seed: policy, composition): {chosen}.",
+    ]
+    if sample is not None:
+        lines += ["", *_sample_lines(sample)]
+    return "\n".join(lines)
+
+
+def _sample_lines(sample: str) -> list[str]:
+    return [f"![degraded, multi-task, UIR-LoRA, clean](docs/{Path(sample).name})", "",
+            f"*{Path(sample).stem.removeprefix('sample_')}: degraded | multi-task | UIR-LoRA | clean.* "
+            "Per-set numbers: `reports/single.csv`, `reports/mixed.csv`, `reports/plots/psnr.png`."]
+
+
+def seed_runs(show: list[dict], params_file: str) -> dict[int, dict]:
+    """seed -> metrics.json of the commit and of its experiments whose params differ from ``params_file``'s in
+    ``seed`` alone (from ``dvc exp show --json``)."""
+    import yaml
+
+    from pipeline.evaluation.compare import experiments, flatten
+
+    current = flatten(yaml.safe_load(Path(params_file).read_text()))
+    runs = {}
+    for row in experiments(show):
+        if all(row["params"].get(k) == v for k, v in current.items() if k != "seed"):
+            text = subprocess.run(["git", "show", f"{row['rev']}:reports/metrics.json"], capture_output=True,
+                                  text=True, check=True).stdout
+            runs[row["params"]["seed"]] = json.loads(text)
+    return runs
+
+
+def _write_block(readme: Path, markdown: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} block")
+    block = f"{START}\n{markdown}\n{END}"
+    with atomic_path(readme) as tmp:
+        tmp.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,8 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", default="reports")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--sample-set", default="noise+blur", help="which set's sample grid to show")
+    parser.add_argument("--over-seeds", action="store_true", help="mean ± std over the seeds of `make seeds`")
+    parser.add_argument("--json", help="with --over-seeds: read this `dvc exp show --json` output instead of running it")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.over_seeds:
+        show = json.loads(Path(args.json).read_text() if args.json else subprocess.run(
+            ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+        runs = seed_runs(show, args.params)
+        if len(runs) < 2:
+            raise SystemExit(f"{len(runs)} run(s) with this workspace's params: run `make seeds` first")
+        sample = Path("docs") / f"sample_{args.sample_set}.png"
+        _write_block(Path(args.readme), over_seeds_markdown(runs, params, str(sample) if sample.is_file() else None))
+        print(f"updated {args.readme}: {len(runs)} seeds ({', '.join(map(str, sorted(runs)))})")
+        return
     metrics = read_json(Path(args.reports) / "metrics.json", stage="evaluate")
     source = Path(args.reports) / "samples" / f"{args.sample_set}.png"
     if not source.is_file():
@@ -63,14 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     sample = Path("docs") / f"sample_{args.sample_set}.png"
     sample.parent.mkdir(exist_ok=True)
     shutil.copyfile(source, sample)
-    readme = Path(args.readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} block")
-    block = f"{START}\n{results_markdown(metrics, params, str(sample))}\n{END}"
-    with atomic_path(readme) as tmp:
-        tmp.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-    print(f"updated {readme} and {sample}")
+    _write_block(Path(args.readme), results_markdown(metrics, params, str(sample)))
+    print(f"updated {args.readme} and {sample}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,29 @@ def mean_psnr(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> dict
             for s in sets}
 
 
+def choose_plans(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> tuple[dict, list[dict]]:
+    """Per validation mix of two adapters, how to apply them — one then the other, the other first, or both
+    merged in equal parts (``weights``) — whichever restores that mix best with its true components; and
+    every option's mean PSNR. The ``plans`` of ``composition: planned``."""
+    plans, rows = {}, []
+    for s in sets:
+        components = s.name.split("+")
+        if s.kind != "mixed" or len(components) != 2 or not set(components) <= set(restorer.names):
+            continue
+        a, b = sorted(components)
+        key = f"{a}+{b}"
+        options = {f"{a} then {b}": ((a,), (b,)), f"{b} then {a}": ((b,), (a,)), "weights": ((a, b),)}
+        scores = {}
+        for label, plan in options.items():
+            planned = restorer.with_settings(composition="planned", plans={key: plan})
+            scores[label] = float(np.mean([psnr(planned.restore(lq, weights={a: 0.5, b: 0.5}), gt)
+                                           for lq, gt in zip(s.degraded, s.clean)]))
+        best = max(scores, key=scores.get)
+        plans[key] = options[best]
+        rows.append({"mix": key, "chosen": best, "val_psnr": scores})
+    return plans, rows
+
+
 def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: Sequence[Mapping[str, Any]],
            sets: Sequence[PairedImages]) -> tuple[RestorationSettings, list[dict], int]:
     """The candidate (overrides of ``base``) with the best mean validation PSNR, every candidate's scores, and
@@ -59,7 +82,7 @@ def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: S
         per_set = mean_psnr(restorer.with_settings(**settings.__dict__), sets)
         single = [v for name, v in per_set.items() if kinds[name] == "single"]
         mixed = [v for name, v in per_set.items() if kinds[name] == "mixed"]
-        rows.append({"settings": {**settings.__dict__, "undo_order": list(settings.undo_order)},
+        rows.append({"settings": settings.as_dict(),
                      "mean_psnr": float(np.mean(list(per_set.values()))), "single_psnr": float(np.mean(single)),
                      "mixed_psnr": float(np.mean(mixed)) if mixed else None, "per_set": per_set})
     best = max(range(len(rows)), key=lambda i: rows[i]["mean_psnr"])

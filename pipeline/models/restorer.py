@@ -30,7 +30,7 @@ from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
 
 MIN_SIDE = 16
 SETTINGS_FILE = "restoration.json"  # in the models folder: the settings `select_restoration` chose
-COMPOSITIONS = ("sequential", "weights")
+COMPOSITIONS = ("sequential", "weights", "planned")
 UNKNOWN = ("identity", "route")
 
 Network = Callable[[torch.Tensor], torch.Tensor]  # B×3×H×W on [-1, 1] -> the same
@@ -45,10 +45,15 @@ class RestorationSettings:
             or ``topk`` (the paper's: the ``top_k`` most probable, renormalised).
         top_k: adapters kept by ``topk``, and at most by ``gated``.
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
-        composition: ``sequential`` or ``weights``.
+        composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
+            other mixes sequential.
         unknown: an unrecognised degradation is left as it is (``identity``) or routed anyway (``route``).
         undo_order: the order in which ``sequential`` applies adapters (the reverse of image formation:
             compression is undone first, the scene last); adapters not listed come after, by name.
+        plans: for ``planned``, per pair of adapters (key: their names sorted, joined by ``+``), the steps
+            to apply — each step a group of adapters merged in equal parts: ``[["rain"], ["haze"]]`` is rain
+            then haze, ``[["lowlight", "noise"]]`` both at once. Chosen on validation by
+            ``select_restoration``.
     """
 
     policy: str = "gated"
@@ -57,6 +62,7 @@ class RestorationSettings:
     composition: str = "sequential"
     unknown: str = "identity"
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
+    plans: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"),
@@ -69,11 +75,22 @@ class RestorationSettings:
             if not ok:
                 raise ValueError(message)
         object.__setattr__(self, "undo_order", tuple(self.undo_order))
+        plans = {key: tuple(tuple(step) for step in plan) for key, plan in self.plans.items()}
+        for key, plan in plans.items():
+            applied = [name for step in plan for name in step]
+            if key != "+".join(sorted(key.split("+"))) or sorted(applied) != sorted(key.split("+")) or not all(plan):
+                raise ValueError(f"plan {key}: {plan} must apply each adapter of the sorted key {key!r} once")
+        object.__setattr__(self, "plans", plans)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (what ``restoration.json`` holds)."""
+        return {**self.__dict__, "undo_order": list(self.undo_order),
+                "plans": {key: [list(step) for step in plan] for key, plan in self.plans.items()}}
 
     def save(self, path: str | Path) -> None:
         from pipeline.files import write_json
 
-        write_json(path, {**self.__dict__, "undo_order": list(self.undo_order)})
+        write_json(path, self.as_dict())
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "RestorationSettings":
@@ -86,8 +103,6 @@ class RestorationSettings:
         """From ``params.restoration`` (its keys are exactly this class's fields), with ``overrides``."""
         values = {f.name: section[f.name] for f in fields(cls) if f.name in section}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "undo_order" in values:
-            values["undo_order"] = tuple(values["undo_order"])
         return cls(**values)
 
 
@@ -98,6 +113,8 @@ class Analysis:
     weights: dict[str, float]  # the adapters to apply, summing to one
     probabilities: dict[str, float]  # softmax over every adapter
     similarity: dict[str, float]  # cosine similarity to each degradation's prototype
+    presence: dict[str, float]  # probability that the image holds each degradation (multi-label)
+    ranking: list[str]  # every adapter, most likely first (the most probable, then by presence)
     unknown: bool  # best similarity below the calibrated threshold
     steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
 
@@ -296,15 +313,18 @@ class UniversalRestorer:
     def _analyse(self, x: torch.Tensor) -> Analysis:
         if self.router is None:
             raise ValueError("no router loaded: force an adapter (--lora / --mix, or weights=...)")
-        similarity = self.router.similarity(self._route_crops(x * 2 - 1).to(self.device)).mean(dim=0, keepdim=True)
-        routing = self.router.routing(similarity)
+        routing = self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device))
         settings = self.settings
         threshold = self.router.config.mix_threshold if settings.mix_threshold is None else settings.mix_threshold
-        weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold)[0]
+        weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold, routing.presence)[0]
         chosen = {n: float(w) for n, w in zip(self.names, weights) if w > 0}
-        return Analysis(weights=chosen,
-                        probabilities={n: float(p) for n, p in zip(self.names, routing.probabilities[0])},
-                        similarity={n: float(s) for n, s in zip(self.names, similarity[0])},
+
+        def by_name(values: torch.Tensor) -> dict[str, float]:
+            return {n: float(v) for n, v in zip(self.names, values[0])}
+
+        return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
+                        similarity=by_name(routing.similarity), presence=by_name(routing.presence),
+                        ranking=[self.names[i] for i in routing.ranking()[0]],
                         unknown=bool(routing.unknown[0]), steps=self.steps(chosen))
 
     def analyse(self, image: Any) -> Analysis:
@@ -319,10 +339,14 @@ class UniversalRestorer:
 
     def steps(self, weights: Mapping[str, float]) -> list[dict[str, float]]:
         """The adapter mixes applied one after another: one step with the weights (``weights`` composition or a
-        single adapter), or each adapter alone in ``undo_order`` (``sequential``)."""
+        single adapter), the pair's plan (``planned``), or each adapter alone in ``undo_order`` (``sequential``,
+        and ``planned`` mixes without a plan)."""
         self.composition.weights_for(weights)  # names and values checked
         if self.settings.composition == "weights" or len(weights) == 1:
             return [dict(weights)]
+        plan = self.settings.plans.get("+".join(sorted(weights)))
+        if self.settings.composition == "planned" and plan is not None:
+            return [{name: 1.0 / len(step) for name in step} for step in plan]
         rank = {name: i for i, name in enumerate(self.settings.undo_order)}
         order = sorted(weights, key=lambda n: (rank.get(n, len(rank)), n))
         return [{name: 1.0} for name in order]

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             analysis = restorer.analyse(lq)
             unknown.append(analysis.unknown)
             adapters_used[kind].append(len(analysis.weights))
-            ranked = sorted(analysis.probabilities, key=analysis.probabilities.get, reverse=True)
+            ranked = analysis.ranking
             if kind == "single":
                 confusion[names.index(set_name), names.index(ranked[0])] += 1
             else:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             "single_given_two_or_more": float(np.mean(np.array(adapters_used["single"]) > 1)),
             "mixed_given_two_or_more": float(np.mean(np.array(adapters_used["mixed"]) > 1)) if recall else None,
         },
-        "restoration": {**settings.__dict__, "undo_order": list(settings.undo_order),
+        "restoration": {**settings.as_dict(),
                         "mix_threshold_used": settings.mix_threshold if settings.mix_threshold is not None
                         else restorer.router.config.mix_threshold},
         "labels": {m.name: m.label for m in methods},

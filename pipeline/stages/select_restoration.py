@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from pipeline.evaluation.selection import choose, load_sets
+    from pipeline.evaluation.selection import choose, choose_plans, load_sets
     from pipeline.files import write_json
     from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings, UniversalRestorer
     from pipeline.training.trainer import configure_threads
@@ -40,9 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     candidates = OmegaConf.to_container(params.restoration.candidates) if params.restoration.choose_on_validation else [{}]
     restorer = UniversalRestorer.from_pretrained(args.models, settings=base)
     sets = load_sets(args.data, args.mixed, list(params.degradations), params.mixed, "val")
+    plans, plan_rows = choose_plans(restorer, sets)
+    for row in plan_rows:
+        print(f"{STAGE}: plan for {row['mix']}: {row['chosen']} ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in row["val_psnr"].items()) + " dB on validation)")
+    base = RestorationSettings(**{**base.__dict__, "plans": plans})
     chosen, rows, best = choose(restorer, base, candidates, sets)
     chosen.save(Path(args.models) / SETTINGS_FILE)
-    write_json(args.report, {"chosen": best, "candidates": rows})
+    write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
     for row in rows:
         s = row["settings"]
         print(f"{STAGE}: {s['policy']:<5} {s['composition']:<10} mix threshold {s['mix_threshold']}: val PSNR "

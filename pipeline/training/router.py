@@ -1,23 +1,30 @@
 """Training the degradation router: soft cross-entropy of ``s / τ`` against the target distribution
-(one-hot for a single degradation, uniform over the components of a mix); its mixed training patches;
-and the two thresholds calibrated on validation data (unknown degradation, mix detection)."""
+(one-hot for a single degradation, uniform over the components of a mix) plus binary cross-entropy of
+the presence output against which degradations the image holds; its mixed training patches; and the
+two thresholds calibrated on validation data (unknown degradation, mix detection)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from pipeline.data.datasets import LabelledImages
 from pipeline.data.tensors import to_tensor
 from pipeline.data.synthesis import load_clean, mixed_patches
-from pipeline.models.router import DegradationRouter, top_k_weights
+from pipeline.models.router import DegradationRouter, Routing, select_adapters
 from pipeline.training.schedules import warmup_cosine
 
 
 def router_loss(router: DegradationRouter, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions."""
-    return -(targets * router(images).log_softmax(dim=-1)).sum(dim=-1).mean()
+    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions, plus binary
+    cross-entropy of its presence logits against the degradations present (``targets > 0``)."""
+    logits, presence = router(images)
+    soft_cross_entropy = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence, (targets > 0).float())
 
 
 class RouterTraining(L.LightningModule):
@@ -27,6 +34,7 @@ class RouterTraining(L.LightningModule):
         self.router = router
         self.top1 = MeanMetric()
         self.recall = MeanMetric()
+        self.detection = {kind: MeanMetric() for kind in ("single", "mixed")}  # told apart at presence 0.5
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = router_loss(self.router, batch["image"], batch["target"])
@@ -34,17 +42,27 @@ class RouterTraining(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self.router(batch["image"])
+        logits, presence = self.router(batch["image"])
+        probabilities, presence = logits.softmax(-1), presence.sigmoid()
         target = batch["target"]
         single = (target > 0).sum(dim=-1) == 1
+        detected = select_adapters(probabilities, "gated", 2, 0.5, presence).count_nonzero(-1) > 1
         if single.any():
             self.top1.update((logits[single].argmax(-1) == target[single].argmax(-1)).float())
+            self.detection["single"].update((~detected[single]).float())
         if (~single).any():
             truth = target[~single] > 0
-            kept = top_k_weights(logits[~single], int(truth.sum(-1).max())) > 0  # as many as the mix has
+            count = int(truth.sum(-1).max())  # as many as the mix has, in the order gated routing adds them
+            kept = select_adapters(probabilities[~single], "gated", count, 0.0, presence[~single]) > 0
             self.recall.update((kept & truth).sum(-1).float() / truth.sum(-1))
+            self.detection["mixed"].update(detected[~single].float())
 
     def on_validation_epoch_end(self) -> None:
+        if self.detection["single"].update_count and self.detection["mixed"].update_count:
+            balanced = (self.detection["single"].compute() + self.detection["mixed"].compute()) / 2
+            self.log("val/mix_detection", balanced, add_dataloader_idx=False)
+        for metric in self.detection.values():
+            metric.reset()
         for name, metric in (("val/top1_accuracy", self.top1), ("val/mixed_recall", self.recall)):
             if metric.update_count:
                 self.log(name, metric.compute(), prog_bar=True, add_dataloader_idx=False)
@@ -68,28 +86,27 @@ def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, 
     return LabelledImages([to_tensor(image) for image, _ in patches], targets)
 
 
-@torch.no_grad()
-def _similarities(router: DegradationRouter, images: LabelledImages) -> torch.Tensor:
-    return torch.cat([router.similarity(torch.stack(images.images[i : i + 64])) for i in range(0, len(images), 64)])
+def _routings(router: DegradationRouter, images: LabelledImages) -> Routing:
+    parts = [router.route(torch.stack(images.images[i : i + 64])) for i in range(0, len(images), 64)]
+    return Routing(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Routing)))
 
 
 def calibrate_threshold(router: DegradationRouter, singles: LabelledImages, quantile: float) -> float:
     """The ``quantile`` of the best cosine similarity over validation images of known degradations."""
-    return float(torch.quantile(_similarities(router, singles).max(-1).values, quantile))
+    return float(torch.quantile(_routings(router, singles).similarity.max(-1).values, quantile))
 
 
 def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None) -> tuple[float, float]:
-    """The second-best probability above which an image counts as a mix (policy ``gated``): the value that
-    best separates validation singles from validation mixes (balanced accuracy), and that accuracy.
-    Without mixes, 0.5."""
+    """The presence above which ``gated`` routing adds a second adapter: the value that best separates
+    validation singles from validation mixes (balanced accuracy), and that accuracy. Without mixes, 0.5."""
     if mixes is None:
         return 0.5, float("nan")
     second = {}
     for kind, images in (("single", singles), ("mix", mixes)):
-        probabilities = (_similarities(router, images) / router.config.temperature).softmax(-1)
-        second[kind] = probabilities.sort(dim=-1, descending=True).values[:, 1]
+        routing = _routings(router, images)
+        second[kind] = routing.presence.gather(-1, routing.ranking()[:, 1:2])[:, 0]
     best, best_accuracy = 0.5, -1.0
-    for candidate in torch.linspace(0.02, 0.5, 49).tolist():
+    for candidate in torch.linspace(0.02, 0.98, 49).tolist():
         accuracy = ((second["single"] < candidate).float().mean() + (second["mix"] >= candidate).float().mean()) / 2
         if float(accuracy) > best_accuracy:
             best, best_accuracy = candidate, float(accuracy)
