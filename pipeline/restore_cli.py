@@ -203,7 +203,7 @@ def export_main(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.models.composition import AdapterComposition
-    from pipeline.models.export import export_onnx, quantize_int8, require_runtime
+    from pipeline.models.export import export_onnx, export_router, quantize_int8, require_runtime
     from pipeline.models.folder import ModelsFolder
     from pipeline.models.router import DegradationRouter
 
@@ -225,12 +225,7 @@ def export_main(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if not args.no_router and (folder.router / "config.json").is_file():
         router = DegradationRouter.from_pretrained(folder.router)
-        with torch.no_grad():
-            torch.onnx.export(router, (torch.zeros(1, 3, 64, 64),), str(out / "router.onnx"), input_names=["image"],
-                              output_names=["logits", "presence_logits"],
-                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
-                                            "presence_logits": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        export_router(router, out / "router.onnx")
         print(f"wrote {out / 'router.onnx'} (logits s/τ and presence logits over {router.names}; softmax, sigmoid "
               "and the policy are applied outside)")
     return 0
@@ -298,6 +293,9 @@ def info_main(args: argparse.Namespace) -> int:
     s = info["restoration"]
     print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")
           + f", {s['composition']} mixing, unknown: {s['unknown']}  ({s['source']})")
+    if s["composition"] == "planned":
+        print("plans     " + "; ".join(f"{key}: " + " then ".join("+".join(step) for step in plan)
+                                    for key, plan in s["plans"].items()))
     print(f"engine    {engine} {precision} (what `uir restore --engine auto` runs on this machine's CPU)")
     return 0
 

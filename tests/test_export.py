@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.models.restorer import RestorationSettings, UniversalRestorer
+from pipeline.models.router import DegradationRouter
 
 from .images import rgb
 
@@ -68,6 +69,15 @@ def test_uir_export_writes_each_adapter_and_the_router_with_metadata(tiny_models
     session = onnxruntime.InferenceSession(str(tmp_path / "noise=1.onnx"), providers=["CPUExecutionProvider"])
     out = session.run(None, {"image": np.zeros((2, 3, 24, 40), np.float32), "timestep": np.array([10, 500])})[0]
     assert out.shape == (2, 3, 24, 40), "batch, height and width are dynamic"
+    router = DegradationRouter.from_pretrained(tiny_models / "router")
+    images = torch.rand(2, 3, 40, 24) * 2 - 1
+    session = onnxruntime.InferenceSession(str(tmp_path / "router.onnx"), providers=["CPUExecutionProvider"])
+    logits, presence = session.run(None, {"image": images.numpy()})
+    with torch.no_grad():
+        expected = router(images)
+    assert np.abs(logits - expected[0].numpy()).max() < 1e-4 and np.abs(presence - expected[1].numpy()).max() < 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "router.onnx")).metadata_props}
+    assert json.loads(meta["degradations"]) == router.names
     uir(["export", "--models", str(tiny_models), "-o", str(tmp_path / "mix"), "--mix", "noise=0.6,blur=0.4", "--no-router"])
     assert [p.name for p in (tmp_path / "mix").iterdir()] == ["blur=0.4+noise=0.6.onnx"]
 

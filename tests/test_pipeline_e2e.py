@@ -163,8 +163,9 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
         assert list((repo / pointer["dir"]).glob("*.wandb")), stage
 
 
-METHODS = ["input", "oracle_sequential", "oracle_weights", "uir_lora", "uir_lora_top1", "uir_lora_gated_sequential",
-           "uir_lora_gated_weights", "uir_lora_paper", "multitask", "shared_lora"]
+METHODS = ["input", "oracle_sequential", "oracle_weights", "oracle_planned", "uir_lora", "uir_lora_top1",
+           "uir_lora_gated_sequential", "uir_lora_gated_weights", "uir_lora_gated_planned", "uir_lora_paper", "multitask",
+           "shared_lora"]
 
 
 def test_evaluation_writes_every_output(smoke_repo):

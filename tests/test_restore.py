@@ -197,6 +197,16 @@ def test_cli_info_describes_the_models_folder(tiny_models, capsys):
     assert info["engine"]["engine"] in ("torch", "onnxruntime", "openvino")
 
 
+def test_cli_info_prints_the_plans_of_planned_mixing(tiny_models, tmp_path, capsys):
+    from pipeline.models.restorer import SETTINGS_FILE
+
+    shutil.copytree(tiny_models, tmp_path / "models")
+    RestorationSettings(composition="planned", plans={"blur+noise": [["blur", "noise"]]}).save(
+        tmp_path / "models" / SETTINGS_FILE)
+    code, out, _ = _run_cli(["info", "--models", str(tmp_path / "models")], capsys)
+    assert code == 0 and "plans     blur+noise: blur+noise" in out
+
+
 def test_uir_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "restore" in result.stdout and "info" in result.stdout

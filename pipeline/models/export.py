@@ -24,6 +24,7 @@ from peft.tuners.lora import LoraLayer
 from pipeline.models.adapters import merged_weight
 from pipeline.models.backbone import OneStepReadout
 from pipeline.models.composition import AdapterComposition
+from pipeline.models.router import DegradationRouter
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 # What each engine runs the network in: int8 is ONNX Runtime's static quantisation (QDQ, per-channel
@@ -89,6 +90,26 @@ def merged_unet(composition: AdapterComposition, mix: Mapping[str, float]) -> UN
     own.update(state)
     plain.load_state_dict(own)
     return plain.requires_grad_(False).eval()
+
+
+def export_router(router: DegradationRouter, path: str | Path) -> Path:
+    """The router as ONNX: ``image`` (B×3×H×W on [-1, 1], any size) -> ``logits`` (s/τ) and
+    ``presence_logits``, both B×N over ``router.names``; softmax, sigmoid and the policy are the caller's."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # GroupNorm's batch-size check, a constant
+        torch.onnx.export(router.eval(), (torch.zeros(1, 3, 64, 64),), str(path), input_names=["image"],
+                          output_names=["logits", "presence_logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
+                                        "presence_logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"degradations": json.dumps(router.names)})
+    onnx.save(model, str(path))
+    return path
 
 
 def export_onnx(composition: AdapterComposition, mix: Mapping[str, float], path: str | Path) -> Path:
