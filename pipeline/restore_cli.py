@@ -200,8 +200,6 @@ def restore_main(args: argparse.Namespace) -> int:
 
 def export_main(args: argparse.Namespace) -> int:
     """``uir export``: each adapter (or one adapter, or one fixed mix) as ONNX, and the router."""
-    import torch
-
     from pipeline.models.composition import AdapterComposition
     from pipeline.models.export import export_onnx, export_router, quantize_int8, require_runtime
     from pipeline.models.folder import ModelsFolder
