@@ -135,3 +135,33 @@ def test_text_prototypes_embed_the_descriptions(params):
     assert (similarity.diag() > similarity.fill_diagonal_(0).max(dim=-1).values).all()
     router = DegradationRouter(RouterConfig(names=names, embed_dim=384, width=4, prototypes="text"), prototypes)
     assert not router.prototypes.requires_grad and router.route(torch.rand(1, 3, 32, 32)).probabilities.shape == (1, len(names))
+
+
+@pytest.mark.parametrize("single_presence,max_rate,expected_threshold,expected_detection", [
+    ([0.11] * 49 + [0.91], 0.02, 0.12, 2 / 3),  # 1 of 50 singles may pass: the lowest threshold above the rest
+    ([0.11] * 48 + [0.91, 0.91], 0.02, 0.92, 1 / 3),  # 2 of 50 may not: the threshold climbs over them
+    ([0.11] * 50, 0.0, 0.12, 2 / 3),
+    ([0.99] * 50, 0.02, 1.0, 0.0),  # no threshold on the grid keeps singles single: never a mix
+])
+def test_mix_threshold_bounds_false_mixes_on_validation_singles(monkeypatch, router, single_presence, max_rate,
+                                                               expected_threshold, expected_detection):
+    from pipeline.data.datasets import LabelledImages
+    from pipeline.models.router import Routing
+    from pipeline.training.router import calibrate_mix_threshold
+
+    def route(images):  # each image carries its second adapter's presence as its pixel value
+        second = images[:, 0, 0, 0]
+        ones, zeros = torch.ones_like(second), torch.zeros_like(second)
+        return Routing(probabilities=torch.stack([ones, zeros, zeros], -1), similarity=torch.stack([ones, zeros, zeros], -1),
+                       presence=torch.stack([ones, second, zeros], -1), unknown=zeros.bool())
+
+    monkeypatch.setattr(router, "route", route)
+
+    def images(values):
+        return LabelledImages([torch.full((3, 8, 8), v) for v in values], torch.zeros(len(values), 3))
+
+    threshold, rates = calibrate_mix_threshold(router, images(single_presence), images([0.05, 0.5, 0.95]), max_rate)
+    assert threshold == pytest.approx(expected_threshold, abs=1e-6)
+    assert rates["false_mix_rate"] <= max_rate
+    assert rates["mix_detection_rate"] == pytest.approx(expected_detection)
+    assert calibrate_mix_threshold(router, images(single_presence), None, max_rate) == (0.5, {})

@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
 
     router.eval()
     router.config.threshold = calibrate_threshold(router, val_parts[0], cfg.unknown_quantile)
-    router.config.mix_threshold, mix_accuracy = calibrate_mix_threshold(router, val_parts[0], val_parts[1] if len(val_parts) > 1 else None)
+    router.config.mix_threshold, mix_rates = calibrate_mix_threshold(router, val_parts[0], val_parts[1] if len(val_parts) > 1 else None)
     router.save_pretrained(args.out)
-    metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold,
-                   mix_detection_accuracy=mix_accuracy, parameters=sum(p.numel() for p in router.parameters()))
+    metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold, **mix_rates,
+                   parameters=sum(p.numel() for p in router.parameters()))
     log_model_folder(logger, STAGE, args.out, metrics)
     logger.experiment.summary.update(metrics)
     write_json(args.metrics, metrics)
