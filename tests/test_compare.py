@@ -46,6 +46,22 @@ def test_the_table_prints(tmp_path, capsys):
     assert "21.200 ± 0.200" in out and "seeds" in out.splitlines()[0]
 
 
+def test_rev_reads_the_experiments_of_that_commit(monkeypatch, capsys):
+    import subprocess
+
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(SHOW))
+
+    monkeypatch.setattr("pipeline.evaluation.compare.subprocess.run", run)
+    main(["--rev", "4b61e2e", "--over-seeds"])
+    main([])
+    assert calls == [["dvc", "exp", "show", "--json", "--rev", "4b61e2e"], ["dvc", "exp", "show", "--json"]]
+    assert "21.200 ± 0.200" in capsys.readouterr().out
+
+
 def _metrics(seed: int, uir: float) -> dict:
     table = {"uir_lora": {"psnr": uir, "ssim": 0.6}, "multitask": {"psnr": 21.0, "ssim": 0.5}}
     return {"labels": {"uir_lora": "UIR-LoRA", "multitask": "multi-task"}, "single": table, "mixed": table,

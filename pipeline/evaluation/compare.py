@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import subprocess
+from pathlib import Path
 from typing import Any
 
 HEADLINE = "reports/headline.json"
@@ -82,17 +83,21 @@ def table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def exp_show(json_file: str | None = None, rev: str | None = None) -> list[dict]:
+    """``dvc exp show --json`` for the experiments of ``rev`` (HEAD by default), or a saved copy of its output."""
+    if json_file:
+        return json.loads(Path(json_file).read_text())
+    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--over-seeds", action="store_true", help="mean ± std over experiments that differ only in seed")
     parser.add_argument("--json", help="read this `dvc exp show --json` output instead of running it")
+    parser.add_argument("--rev", help="the experiments of this commit (default: HEAD), e.g. the one `make seeds` ran on")
     args = parser.parse_args(argv)
-    if args.json:
-        with open(args.json) as f:
-            show = json.load(f)
-    else:
-        show = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
-    rows = experiments(show)
+    rows = experiments(exp_show(args.json, args.rev))
     if not rows:
         raise SystemExit(f"no experiment with {HEADLINE}: run `dvc repro` or `dvc exp run` first")
     names = list(rows[0]["metrics"])

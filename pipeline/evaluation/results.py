@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-set", default="noise+blur", help="which set's sample grid to show")
     parser.add_argument("--over-seeds", action="store_true", help="mean ± std over the seeds of `make seeds`")
     parser.add_argument("--json", help="with --over-seeds: read this `dvc exp show --json` output instead of running it")
+    parser.add_argument("--rev", help="with --over-seeds: the experiments of this commit (default: HEAD)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.over_seeds:
-        show = json.loads(Path(args.json).read_text() if args.json else subprocess.run(
-            ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
-        runs = seed_runs(show, args.params)
+        from pipeline.evaluation.compare import exp_show
+
+        runs = seed_runs(exp_show(args.json, args.rev), args.params)
         if len(runs) < 2:
             raise SystemExit(f"{len(runs)} run(s) with this workspace's params: run `make seeds` first")
         sample = Path("docs") / f"sample_{args.sample_set}.png"
