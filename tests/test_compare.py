@@ -39,6 +39,13 @@ def test_over_seeds_groups_everything_but_the_seed():
     assert summary["top1"]["seeds"] == [1]
 
 
+def test_a_run_listed_under_two_commits_counts_once():
+    later_commit = {**_entry("e" * 40, "main", 1, "gated", 21.0), "experiments": []}  # the same dvc.lock, a later commit
+    summary = {s["params"]["restoration.policy"]: s for s in over_seeds(experiments([*SHOW, later_commit]))}
+    assert summary["gated"]["seeds"] == [1, 2, 3]
+    assert summary["gated"]["metrics"]["uir"] == pytest.approx((21.2, statistics.stdev([21.0, 21.4, 21.2])))
+
+
 def test_the_table_prints(tmp_path, capsys):
     (tmp_path / "show.json").write_text(json.dumps(SHOW))
     main(["--json", str(tmp_path / "show.json"), "--over-seeds"])
@@ -56,9 +63,9 @@ def test_rev_reads_the_experiments_of_that_commit(monkeypatch, capsys):
         return subprocess.CompletedProcess(command, 0, stdout=json.dumps(SHOW))
 
     monkeypatch.setattr("pipeline.evaluation.compare.subprocess.run", run)
-    main(["--rev", "4b61e2e", "--over-seeds"])
+    main(["--rev", "4b61e2e", "--rev", "HEAD", "--over-seeds"])
     main([])
-    assert calls == [["dvc", "exp", "show", "--json", "--rev", "4b61e2e"], ["dvc", "exp", "show", "--json"]]
+    assert calls == [["dvc", "exp", "show", "--json", "--rev", "4b61e2e", "--rev", "HEAD"], ["dvc", "exp", "show", "--json"]]
     assert "21.200 ± 0.200" in capsys.readouterr().out
 
 

@@ -59,13 +59,15 @@ def changed_params(rows: list[dict], ignore: tuple[str, ...] = ()) -> list[str]:
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
-    """Experiments grouped by every changed param but ``seed``: mean ± std of each metric."""
+    """Experiments grouped by every changed param but ``seed``: mean ± std of each metric, one run per seed
+    (a run shows up once per listed commit whose dvc.lock holds it: the first is kept)."""
     keys = changed_params(rows, ignore=("seed",))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(json.dumps(row["params"].get(k)) for k in keys), []).append(row)
     summary = []
     for key, members in groups.items():
+        members = list({m["params"]["seed"]: m for m in reversed(members)}.values())
         metrics = {}
         for name in members[0]["metrics"]:
             values = [m["metrics"][name] for m in members if m["metrics"].get(name) is not None]
@@ -83,11 +85,11 @@ def table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def exp_show(json_file: str | None = None, rev: str | None = None) -> list[dict]:
-    """``dvc exp show --json`` for the experiments of ``rev`` (HEAD by default), or a saved copy of its output."""
+def exp_show(json_file: str | None = None, revs: list[str] | None = None) -> list[dict]:
+    """``dvc exp show --json`` for the experiments of ``revs`` (HEAD by default), or a saved copy of its output."""
     if json_file:
         return json.loads(Path(json_file).read_text())
-    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
+    command = ["dvc", "exp", "show", "--json", *(arg for rev in revs or [] for arg in ("--rev", rev))]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--over-seeds", action="store_true", help="mean ± std over experiments that differ only in seed")
     parser.add_argument("--json", help="read this `dvc exp show --json` output instead of running it")
-    parser.add_argument("--rev", help="the experiments of this commit (default: HEAD), e.g. the one `make seeds` ran on")
+    parser.add_argument("--rev", action="append", help="the experiments of this commit (default: HEAD), e.g. the one "
+                        "`make seeds` ran on; repeat it for several")
     args = parser.parse_args(argv)
     rows = experiments(exp_show(args.json, args.rev))
     if not rows:

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-set", default="noise+blur", help="which set's sample grid to show")
     parser.add_argument("--over-seeds", action="store_true", help="mean ± std over the seeds of `make seeds`")
     parser.add_argument("--json", help="with --over-seeds: read this `dvc exp show --json` output instead of running it")
-    parser.add_argument("--rev", help="with --over-seeds: the experiments of this commit (default: HEAD)")
+    parser.add_argument("--rev", action="append", help="with --over-seeds: the experiments of this commit "
+                        "(default: HEAD); repeat it for several")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.over_seeds:
