@@ -141,7 +141,7 @@ def test_text_prototypes_embed_the_descriptions(params):
     ([0.11] * 49 + [0.91], 0.02, 0.12, 2 / 3),  # 1 of 50 singles may pass: the lowest threshold above the rest
     ([0.11] * 48 + [0.91, 0.91], 0.02, 0.92, 1 / 3),  # 2 of 50 may not: the threshold climbs over them
     ([0.11] * 50, 0.0, 0.12, 2 / 3),
-    ([0.99] * 50, 0.02, 1.0, 0.0),  # no threshold on the grid keeps singles single: never a mix
+    ([0.99] * 50, 0.02, 1.0, 0.0),  # no threshold on the grid keeps singles single: 1.0, only a saturated presence
 ])
 def test_mix_threshold_bounds_false_mixes_on_validation_singles(monkeypatch, router, single_presence, max_rate,
                                                                expected_threshold, expected_detection):

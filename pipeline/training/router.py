@@ -107,8 +107,8 @@ def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, 
                             max_false_mix_rate: float = MAX_FALSE_MIX_RATE) -> tuple[float, dict[str, float]]:
     """The presence at or above which ``gated`` routing adds a second adapter: the lowest threshold (on a
     0.02 grid) that gives a second adapter to at most ``max_false_mix_rate`` of validation singles, so it
-    detects as many validation mixes as that bound allows; with its rates on those images. Without
-    mixes, 0.5."""
+    detects as many validation mixes as that bound allows; 1.0 where none does (a second adapter only at
+    a saturated presence); with its rates on those images. Without mixes, 0.5."""
     if mixes is None:
         return 0.5, {}
     second = {}
