@@ -166,11 +166,12 @@ def restore_main(args: argparse.Namespace) -> int:
             if forced is None:
                 analysis = restorer.analyse(image)
                 entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown,
-                             presence={n: round(p, 4) for n, p in analysis.presence.items()})
-                skipped = analysis.unknown and settings.unknown == "identity"
-                described = ("unknown degradation" + (" (left unchanged)" if skipped else "")) if analysis.unknown \
-                    else " then ".join(", ".join(f"{n} {w:.2f}" for n, w in step.items()) for step in analysis.steps)
-                steps = 0 if skipped else len(analysis.steps)
+                             clean=analysis.clean, presence={n: round(p, 4) for n, p in analysis.presence.items()})
+                flagged = "unknown degradation" if analysis.unknown else "no degradation found" if analysis.clean else ""
+                applied = " then ".join(", ".join(f"{n} {w:.2f}" for n, w in step.items()) for step in analysis.steps)
+                described = f"{flagged} (left unchanged)" if analysis.unchanged else \
+                    f"{flagged}, restored anyway: {applied}" if flagged else applied
+                steps = 0 if analysis.unchanged else len(analysis.steps)
             else:
                 analysis = None
                 entry.update(weights=forced, unknown=False)

@@ -352,3 +352,23 @@ def test_the_models_folder_settings_are_what_restore_uses(tiny_models, tmp_path)
     RestorationSettings(policy="topk", composition="weights", top_k=2).save(tmp_path / "models" / SETTINGS_FILE)
     assert UniversalRestorer.from_pretrained(tmp_path / "models").settings.policy == "topk"
     assert UniversalRestorer.from_pretrained(tmp_path / "models", settings=RestorationSettings()).settings.policy == "gated"
+
+
+@pytest.mark.parametrize("unknown,unchanged", [("identity", True), ("route", False)])
+def test_an_image_the_router_finds_clean_is_left_as_it_is(tiny_models, tmp_path, capsys, unknown, unchanged):
+    shutil.copytree(tiny_models, tmp_path / "models")
+    torch.manual_seed(0)
+    DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4, clean=True,
+                                   clean_threshold=0.0)).save_pretrained(tmp_path / "models" / "router")
+    restorer = UniversalRestorer.from_pretrained(tmp_path / "models", tile=32, overlap=8)
+    image = rgb(40, 48)
+    analysis = restorer.with_settings(unknown=unknown).analyse(image)
+    assert analysis.clean and analysis.unchanged is unchanged and not analysis.unknown
+    restored = restorer.with_settings(unknown=unknown).restore(image)
+    assert np.array_equal(restored, image) is unchanged
+    Image.fromarray(image).save(tmp_path / "x.png")
+    code, out, _ = _run_cli(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--models",
+                             str(tmp_path / "models"), "--json", "--unknown", unknown], capsys)
+    entry = json.loads(out)[0]
+    assert code == 0 and entry["clean"] is True
+    assert np.array_equal(read_image(entry["output"]), image) is unchanged

@@ -1,4 +1,4 @@
-"""Router: top-K selection and renormalisation edge cases, similarity, unknown flag, save/load."""
+"""Router: top-K selection and renormalisation edge cases, similarity, unknown flag, clean class, save/load."""
 
 import pytest
 import torch
@@ -153,7 +153,8 @@ def test_mix_threshold_bounds_false_mixes_on_validation_singles(monkeypatch, rou
         second = images[:, 0, 0, 0]
         ones, zeros = torch.ones_like(second), torch.zeros_like(second)
         return Routing(probabilities=torch.stack([ones, zeros, zeros], -1), similarity=torch.stack([ones, zeros, zeros], -1),
-                       presence=torch.stack([ones, second, zeros], -1), unknown=zeros.bool())
+                       presence=torch.stack([ones, second, zeros], -1), unknown=zeros.bool(),
+                       clean_probability=zeros, clean=zeros.bool())
 
     monkeypatch.setattr(router, "route", route)
 
@@ -165,3 +166,92 @@ def test_mix_threshold_bounds_false_mixes_on_validation_singles(monkeypatch, rou
     assert rates["false_mix_rate"] <= max_rate
     assert rates["mix_detection_rate"] == pytest.approx(expected_detection)
     assert calibrate_mix_threshold(router, images(single_presence), None, max_rate) == (0.5, {})
+
+
+@pytest.fixture()
+def clean_router():
+    torch.manual_seed(0)
+    return DegradationRouter(RouterConfig(names=["noise", "blur", "haze"], embed_dim=8, width=4, clean=True)).eval()
+
+
+def test_a_clean_class_is_one_more_logit_but_no_adapter(clean_router):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    logits, presence = clean_router(images)
+    assert logits.shape == (3, 4) and presence.shape == (3, 3)
+    routing = clean_router.route(images)
+    assert routing.probabilities.shape == routing.similarity.shape == (3, 3)
+    assert torch.allclose(routing.probabilities.sum(-1), torch.ones(3))
+    assert torch.allclose(routing.clean_probability, logits.softmax(-1)[:, 3], atol=1e-6)
+    clean_router.config.clean_threshold = 0.0
+    assert clean_router.route(images).clean.all()
+    clean_router.config.clean_threshold = 1.0
+    assert not clean_router.route(images).clean.any()
+
+
+def test_a_router_without_clean_class_never_calls_an_image_clean(router):
+    routing = router.route(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert not routing.clean.any() and torch.equal(routing.clean_probability, torch.zeros(2))
+
+
+def test_clean_router_round_trip_and_prototype_count(tmp_path, clean_router):
+    clean_router.config.clean_threshold = 0.4
+    clean_router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    assert loaded.config.clean and loaded.config.clean_threshold == 0.4 and loaded.prototypes.shape == (4, 8)
+    with pytest.raises(ValueError, match="3 prototypes for 4 classes"):
+        DegradationRouter(RouterConfig(names=["noise", "blur", "haze"], embed_dim=8, clean=True), torch.randn(3, 8))
+
+
+def test_router_loss_trains_clean_on_the_softmax_and_nothing_present(clean_router):
+    import torch.nn.functional as F
+
+    from pipeline.training.router import router_loss
+
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    targets = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.0, 0.0]])  # a clean image, a noise+blur mix
+    logits, presence = clean_router(images)
+    expected = (-(targets * logits.log_softmax(-1)).sum(-1).mean()
+                + F.binary_cross_entropy_with_logits(presence, torch.tensor([[0.0, 0, 0], [1, 1, 0]])))
+    assert torch.allclose(router_loss(clean_router, images, targets), expected)
+
+
+def test_clean_sets_label_the_ground_truth_of_the_singles(tiny_project):
+    from pipeline.data.datasets import LabelledImages, PairedDataset
+    from pipeline.training.router import clean_set, with_clean_column
+
+    root = tiny_project / "data/degraded/noise"
+    clean = clean_set(root, "val", 3)
+    assert all(torch.equal(a, b) for a, b in zip(clean.images, PairedDataset(root / "val").gt))
+    assert clean.targets.tolist() == [[0.0, 0.0, 1.0]] * len(clean)
+    singles = with_clean_column(LabelledImages.from_sets([root, tiny_project / "data/degraded/jpeg"], "val"))
+    assert singles.targets.shape[1] == 3 and (singles.targets[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("degraded_clean_probability,expected_threshold,expected_detection", [
+    ([0.01] * 99 + [0.95], 0.02, 1.0),  # 1 of 100 degraded may be called clean: everything clean is found
+    ([0.01] * 97 + [0.95] * 3, 0.96, 1 / 3),  # 3 of 100 may not: the threshold climbs over them
+    ([0.99] * 100, 1.0, 0.0),  # none on the grid keeps degraded images degraded: never clean
+])
+def test_clean_threshold_bounds_degraded_images_called_clean(monkeypatch, clean_router, degraded_clean_probability,
+                                                             expected_threshold, expected_detection):
+    from pipeline.data.datasets import LabelledImages
+    from pipeline.models.router import Routing
+    from pipeline.training.router import calibrate_clean_threshold
+
+    def route(images):  # each image carries its probability of being clean as its pixel value
+        p = images[:, 0, 0, 0]
+        zeros = torch.zeros(len(p), 3)
+        return Routing(probabilities=zeros + 1 / 3, similarity=zeros, presence=zeros, unknown=p < 0,
+                       clean_probability=p, clean=p >= 0.5)
+
+    monkeypatch.setattr(clean_router, "route", route)
+
+    def images(values):
+        return LabelledImages([torch.full((3, 8, 8), v) for v in values], torch.zeros(len(values), 4))
+
+    half = len(degraded_clean_probability) // 2  # singles and mixes count together
+    degraded = [images(degraded_clean_probability[:half]), images(degraded_clean_probability[half:])]
+    threshold, rates = calibrate_clean_threshold(clean_router, degraded, images([0.97, 0.5, 0.9]), 0.02)
+    assert threshold == pytest.approx(expected_threshold, abs=1e-6)
+    assert rates["false_clean_rate"] <= 0.02
+    assert rates["clean_detection_rate"] == pytest.approx(expected_detection)

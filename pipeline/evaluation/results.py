@@ -44,11 +44,25 @@ def results_markdown(metrics: dict, params, sample: str) -> str:
         f"policy (mix threshold {used['mix_threshold_used']:.2f}) gave two or more adapters to "
         f"{100 * router['single_given_two_or_more']:.1f}% of single and {100 * router['mixed_given_two_or_more']:.1f}% "
         f"of mixed test images; {100 * router['unknown_rate']:.1f}% were flagged unknown and "
-        + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored anyway (`unknown: route`)."),
+        + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored anyway (`unknown: route`).")
+        + _clean_sentence({k: [v] for k, v in router.items()}, lambda v: f"{100 * v[0]:.1f}%"),
         "",
         *_sample_lines(sample),
     ]
     return "\n".join(lines)
+
+
+CLEAN_RATES = ("clean_called_clean", "clean_given_an_adapter", "single_called_clean", "mixed_called_clean")
+
+
+def _clean_sentence(rates: dict[str, list], show) -> str:
+    """What the router made of clean test crops and how many degraded ones it called clean (runs whose
+    router has no clean class have none of these rates: no sentence)."""
+    if any(v is None for k in CLEAN_RATES for v in rates.get(k, [None])):
+        return ""
+    return (f" Clean test crops (the singles' ground truth): called clean {show(rates['clean_called_clean'])}, given "
+            f"an adapter {show(rates['clean_given_an_adapter'])}; degraded crops called clean (left as they were): "
+            f"single {show(rates['single_called_clean'])}, mixed {show(rates['mixed_called_clean'])}.")
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -88,7 +102,9 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
         f"components among its first |mix| adapters {_mean_std(router['mix_recall'], 3)}; flagged unknown "
         f"{_mean_std(router['unknown_rate'], 3)}. As shipped, two or more adapters went to "
         f"{_mean_std(router['single_given_two_or_more'], 3)} of single and {_mean_std(router['mixed_given_two_or_more'], 3)} "
-        f"of mixed test images. Chosen on validation (seed: policy, composition): {chosen}.",
+        f"of mixed test images. Chosen on validation (seed: policy, composition): {chosen}."
+        + _clean_sentence({k: [runs[s]["router"].get(k) for s in seeds] for k in CLEAN_RATES},
+                          lambda v: _mean_std(v, 3)),
     ]
     if sample is not None:
         lines += ["", *_sample_lines(sample)]

@@ -93,8 +93,9 @@ def merged_unet(composition: AdapterComposition, mix: Mapping[str, float]) -> UN
 
 
 def export_router(router: DegradationRouter, path: str | Path) -> Path:
-    """The router as ONNX: ``image`` (B×3×H×W on [-1, 1], any size) -> ``logits`` (s/τ) and
-    ``presence_logits``, both B×N over ``router.names``; softmax, sigmoid and the policy are the caller's."""
+    """The router as ONNX: ``image`` (B×3×H×W on [-1, 1], any size) -> ``logits`` (s/τ; B×N over
+    ``router.names``, plus a last column for "clean" where the router has that class) and ``presence_logits``
+    (B×N); softmax, sigmoid and the policy are the caller's."""
     import onnx
 
     path = Path(path)
@@ -107,7 +108,7 @@ def export_router(router: DegradationRouter, path: str | Path) -> Path:
                                         "presence_logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {"degradations": json.dumps(router.names)})
+    onnx.helper.set_model_props(model, {"degradations": json.dumps(router.names), "clean_class": json.dumps(router.config.clean)})
     onnx.save(model, str(path))
     return path
 

@@ -47,7 +47,8 @@ class RestorationSettings:
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
             other mixes sequential.
-        unknown: an unrecognised degradation is left as it is (``identity``) or routed anyway (``route``).
+        unknown: an image of an unrecognised degradation, or one the router finds clean, is left as it is
+            (``identity``) or routed anyway (``route``).
         undo_order: the order in which ``sequential`` applies adapters (the reverse of image formation:
             compression is undone first, the scene last); adapters not listed come after, by name.
         plans: for ``planned``, per pair of adapters (key: their names sorted, joined by ``+``), the steps
@@ -116,6 +117,8 @@ class Analysis:
     presence: dict[str, float]  # probability that the image holds each degradation (multi-label)
     ranking: list[str]  # every adapter, most likely first (the most probable, then by presence)
     unknown: bool  # best similarity below the calibrated threshold
+    clean: bool = False  # the router's probability of a clean image reached its calibrated threshold
+    unchanged: bool = False  # unknown or clean, and the settings leave such images as they are
     steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
 
 
@@ -325,7 +328,9 @@ class UniversalRestorer:
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),
                         ranking=[self.names[i] for i in routing.ranking()[0]],
-                        unknown=bool(routing.unknown[0]), steps=self.steps(chosen))
+                        unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
+                        unchanged=bool(routing.unknown[0] or routing.clean[0]) and settings.unknown == "identity",
+                        steps=self.steps(chosen))
 
     def analyse(self, image: Any) -> Analysis:
         """What the router says of ``image`` and which adapters ``restore`` will apply, in order."""
@@ -381,7 +386,7 @@ class UniversalRestorer:
         x, back = to_float(image)
         if weights is None:
             analysis = analysis or self._analyse(x)
-            if analysis.unknown and self.settings.unknown == "identity":
+            if analysis.unchanged:
                 return from_float(x, back)
             steps = analysis.steps
         else:

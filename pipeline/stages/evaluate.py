@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     rows, samples = [], {}
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     recall, unknown, adapters_used = [], [], {"single": [], "mixed": []}
+    called_clean = {"single": [], "mixed": []}
     for test_set in tqdm(sets, desc=STAGE, unit="set"):
         set_name, kind = test_set.name, test_set.kind
         components = set_name.split("+")
         for index, (lq, gt) in enumerate(zip(test_set.degraded, test_set.clean)):
             analysis = restorer.analyse(lq)
             unknown.append(analysis.unknown)
+            called_clean[kind].append(analysis.clean)
             adapters_used[kind].append(len(analysis.weights))
             ranked = analysis.ranking
             if kind == "single":
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             if index < params.evaluate.sample_images:
                 samples[set_name].setdefault("clean", []).append(gt)
 
+    # The clean counterparts of the first single set's crops (every degradation has the same boxes):
+    # what the router makes of images with nothing to restore.
+    clean_crops = next(s.clean for s in sets if s.kind == "single")
+    clean_analyses = [restorer.analyse(gt) for gt in clean_crops]
     method_names = [m.name for m in methods]
     metrics = {
         "single": mean_table(rows, "single", method_names),
@@ -88,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             "unknown_rate": float(np.mean(unknown)),
             "single_given_two_or_more": float(np.mean(np.array(adapters_used["single"]) > 1)),
             "mixed_given_two_or_more": float(np.mean(np.array(adapters_used["mixed"]) > 1)) if recall else None,
+            "single_called_clean": float(np.mean(called_clean["single"])),
+            "mixed_called_clean": float(np.mean(called_clean["mixed"])) if recall else None,
+            "clean_called_clean": float(np.mean([a.clean for a in clean_analyses])),
+            "clean_given_an_adapter": float(np.mean([not a.unchanged for a in clean_analyses])),
         },
         "restoration": {**settings.as_dict(),
                         "mix_threshold_used": settings.mix_threshold if settings.mix_threshold is not None

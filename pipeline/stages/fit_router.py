@@ -1,8 +1,9 @@
 """DVC stage ``fit_router``: the degradation-aware router over the trained degradations.
 
 Trained on the single-degradation training sets, plus (``router.train.mixed_patches`` > 0) random
-pairs of degradations applied to clean training patches, labelled with both components. The
-unknown-degradation threshold is calibrated on validation data. Writes ``<out>/`` (config.json +
+pairs of degradations applied to clean training patches, labelled with both components, plus the clean
+patches themselves, labelled "clean". The unknown-degradation, mix and clean thresholds are calibrated
+on validation data. Writes ``<out>/`` (config.json +
 model.safetensors), validation metrics and the W&B pointer.
 """
 
@@ -32,9 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.data.datasets import D4Augmented, LabelledImages
     from pipeline.data.loaders import ShuffledD4Sampler, evaluation_loader, training_loader
     from pipeline.files import write_json
-    from pipeline.models.router import DegradationRouter, RouterConfig, text_prototypes
+    import pipeline.models.router as router_model
+    import pipeline.training.router as router_training
+    from pipeline.models.router import CLEAN_DESCRIPTION, DegradationRouter, RouterConfig, text_prototypes
     from pipeline.tracking import finish, log_model_folder, make_logger
-    from pipeline.training.router import RouterTraining, calibrate_mix_threshold, calibrate_threshold, mixed_set
+    from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_mix_threshold,
+                                          calibrate_threshold, clean_set, mixed_set, with_clean_column)
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
     seed(params)
@@ -42,42 +46,46 @@ def main(argv: list[str] | None = None) -> None:
     names = list(params.degradations)
     roots = [Path(args.data) / n for n in names]
 
-    train_parts = [LabelledImages.from_sets(roots, "train")]
-    val_parts = [LabelledImages.from_sets(roots, "val")]
     sizes = params.synthesis
-    for parts, split, count, size in (
-        (train_parts, "train", cfg.train.mixed_patches, sizes.patch_size),
-        (val_parts, "val", cfg.train.mixed_val_patches, sizes.eval_crop),
-    ):
+    parts = {}  # per split: singles, mixes (if any), clean — targets over the degradations, then "clean"
+    for split, count, size in (("train", cfg.train.mixed_patches, sizes.patch_size),
+                               ("val", cfg.train.mixed_val_patches, sizes.eval_crop)):
         mixed = mixed_set(params, names, args.clean, split, count, size)
-        if mixed is not None:
-            parts.append(mixed)
+        parts[split] = {"singles": with_clean_column(LabelledImages.from_sets(roots, split)),
+                        **({"mixes": with_clean_column(mixed)} if mixed is not None else {}),
+                        "clean": clean_set(roots[0], split, len(names) + 1)}
 
     prototypes = None
     if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings
-        prototypes = text_prototypes([params.degradations[n].description for n in names])
+        prototypes = text_prototypes([params.degradations[n].description for n in names] + [CLEAN_DESCRIPTION])
     router = DegradationRouter(RouterConfig(
         names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
-        temperature=cfg.temperature, prototypes=cfg.prototypes), prototypes=prototypes)
+        temperature=cfg.temperature, prototypes=cfg.prototypes, clean=True), prototypes=prototypes)
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)
-    ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean])
+    # The router's code is part of what a checkpoint was trained from: another router's state is not resumed.
+    code = [Path(router_model.__file__), Path(router_training.__file__)]
+    ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean, *code])
     trainer = build_trainer(params, cfg.train.max_steps, cfg.train.val_every, logger, args.checkpoints)
-    train_set = ConcatDataset(train_parts)
+    train_set = ConcatDataset(list(parts["train"].values()))
     train_loader = training_loader(D4Augmented(train_set), ShuffledD4Sampler(len(train_set), cfg.train.batch_size,
                                                                             params.seed), params.trainer.num_workers)
-    val_loaders = [evaluation_loader(part, cfg.train.batch_size) for part in val_parts]  # singles, mixes: two sizes
+    val_loaders = [evaluation_loader(part, cfg.train.batch_size) for part in parts["val"].values()]  # two sizes
     fit(trainer, module, cfg.train.val_every, ckpt_path, train_dataloaders=train_loader, val_dataloaders=val_loaders)
     if not trainer.is_global_zero:
         return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     router.eval()
-    router.config.threshold = calibrate_threshold(router, val_parts[0], cfg.unknown_quantile)
-    router.config.mix_threshold, mix_rates = calibrate_mix_threshold(router, val_parts[0], val_parts[1] if len(val_parts) > 1 else None)
+    val = parts["val"]
+    router.config.threshold = calibrate_threshold(router, val["singles"], cfg.unknown_quantile)
+    router.config.mix_threshold, mix_rates = calibrate_mix_threshold(router, val["singles"], val.get("mixes"))
+    degraded = [val["singles"], *([val["mixes"]] if "mixes" in val else [])]
+    router.config.clean_threshold, clean_rates = calibrate_clean_threshold(router, degraded, val["clean"])
     router.save_pretrained(args.out)
     metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold, **mix_rates,
+                   clean_threshold=router.config.clean_threshold, **clean_rates,
                    parameters=sum(p.numel() for p in router.parameters()))
     log_model_folder(logger, STAGE, args.out, metrics)
     logger.experiment.summary.update(metrics)

@@ -1,19 +1,20 @@
 """Training the degradation router: soft cross-entropy of ``s / τ`` against the target distribution
 (one-hot for a single degradation, uniform over the components of a mix) plus binary cross-entropy of
-the presence output against which degradations the image holds; its mixed training patches; and the
-two thresholds calibrated on validation data (unknown degradation; mix detection at a bounded
-false-mix rate)."""
+the presence output against which degradations the image holds; its mixed and clean training patches;
+and the thresholds calibrated on validation data (unknown degradation; mix detection at a bounded
+false-mix rate; clean images at a bounded false-clean rate)."""
 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from pipeline.data.datasets import LabelledImages
+from pipeline.data.datasets import LabelledImages, PairedDataset
 from pipeline.data.tensors import to_tensor
 from pipeline.data.synthesis import load_clean, mixed_patches
 from pipeline.models.router import DegradationRouter, Routing, select_adapters
@@ -21,11 +22,13 @@ from pipeline.training.schedules import warmup_cosine
 
 
 def router_loss(router: DegradationRouter, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions, plus binary
-    cross-entropy of its presence logits against the degradations present (``targets > 0``)."""
+    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions (a last column
+    for "clean" where the router has that class), plus binary cross-entropy of its presence logits
+    against the degradations present (``targets > 0``; none for a clean image)."""
     logits, presence = router(images)
     soft_cross_entropy = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence, (targets > 0).float())
+    present = (targets[:, : presence.shape[-1]] > 0).float()
+    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence, present)
 
 
 class RouterTraining(L.LightningModule):
@@ -36,6 +39,7 @@ class RouterTraining(L.LightningModule):
         self.top1 = MeanMetric()
         self.recall = MeanMetric()
         self.detection = {kind: MeanMetric() for kind in ("single", "mixed")}  # told apart at presence 0.5
+        self.called_clean = {kind: MeanMetric() for kind in ("clean", "degraded")}  # "clean" the most probable
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = router_loss(self.router, batch["image"], batch["target"])
@@ -44,8 +48,17 @@ class RouterTraining(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits, presence = self.router(batch["image"])
-        probabilities, presence = logits.softmax(-1), presence.sigmoid()
-        target = batch["target"]
+        n = presence.shape[-1]
+        if self.router.config.clean:
+            clean, called_clean = batch["target"][:, n] > 0, logits.argmax(-1) == n
+            for kind, rows in (("clean", clean), ("degraded", ~clean)):
+                if rows.any():
+                    self.called_clean[kind].update(called_clean[rows].float())
+            logits, presence, target = logits[~clean], presence[~clean], batch["target"][~clean]
+        else:
+            target = batch["target"]
+        probabilities, presence = logits[:, :n].softmax(-1), presence.sigmoid()
+        target = target[:, :n]
         single = (target > 0).sum(dim=-1) == 1
         detected = select_adapters(probabilities, "gated", 2, 0.5, presence).count_nonzero(-1) > 1
         if single.any():
@@ -63,6 +76,11 @@ class RouterTraining(L.LightningModule):
             balanced = (self.detection["single"].compute() + self.detection["mixed"].compute()) / 2
             self.log("val/mix_detection", balanced, add_dataloader_idx=False)
         for metric in self.detection.values():
+            metric.reset()
+        for name, metric in (("val/clean_accuracy", self.called_clean["clean"]),
+                             ("val/false_clean_rate", self.called_clean["degraded"])):
+            if metric.update_count:
+                self.log(name, metric.compute(), add_dataloader_idx=False)
             metric.reset()
         for name, metric in (("val/top1_accuracy", self.top1), ("val/mixed_recall", self.recall)):
             if metric.update_count:
@@ -85,6 +103,19 @@ def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, 
     for row, (_, components) in enumerate(patches):
         targets[row, [names.index(c) for c in components]] = 1.0 / len(components)
     return LabelledImages([to_tensor(image) for image, _ in patches], targets)
+
+
+def clean_set(root: str | Path, split: str, classes: int) -> LabelledImages:
+    """The clean counterparts of one degradation's ``split`` (every degradation is synthesized on the same
+    boxes, so these are the clean versions of every single's patches), labelled "clean": the last of
+    ``classes`` columns."""
+    images = PairedDataset(Path(root) / split).gt
+    return LabelledImages(images, F.one_hot(torch.full((len(images),), classes - 1), classes))
+
+
+def with_clean_column(images: LabelledImages) -> LabelledImages:
+    """``images`` with a zero "clean" column added to their targets."""
+    return LabelledImages(images.images, F.pad(images.targets, (0, 1)))
 
 
 def _routings(router: DegradationRouter, images: LabelledImages) -> Routing:
@@ -120,3 +151,22 @@ def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, 
     rates = {"false_mix_rate": float((second["single"] >= threshold).float().mean()),
              "mix_detection_rate": float((second["mix"] >= threshold).float().mean())}
     return threshold, rates
+
+
+# The share of degraded validation images (singles and mixes) that may be called clean, and so left as
+# they are: a missed clean image costs as much as a wrong adapter (~6 dB for haze or rain on a clean
+# photo), a degraded image called clean loses its whole restoration gain.
+MAX_FALSE_CLEAN_RATE = 0.02
+
+
+def calibrate_clean_threshold(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
+                              max_false_clean_rate: float = MAX_FALSE_CLEAN_RATE) -> tuple[float, dict[str, float]]:
+    """The probability of "clean" at or above which an image is left as it is: the lowest (on a 0.02 grid)
+    that calls at most ``max_false_clean_rate`` of the ``degraded`` validation images clean, so it
+    recognises as many clean ones as that bound allows; 1.0 where none does; with its rates."""
+    called = {kind: torch.cat([_routings(router, images).clean_probability for images in sets])
+              for kind, sets in (("degraded", degraded), ("clean", [clean]))}
+    grid = torch.linspace(0.02, 0.98, 49).tolist()
+    threshold = next((t for t in grid if (called["degraded"] >= t).float().mean() <= max_false_clean_rate), 1.0)
+    return threshold, {"false_clean_rate": float((called["degraded"] >= threshold).float().mean()),
+                       "clean_detection_rate": float((called["clean"] >= threshold).float().mean())}
