@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks import growth, quality, speed
+from benchmarks import growth, quality, routing, speed
 from benchmarks.report import markdown
-from benchmarks.testsets import DEFAULT_ROOT, benchmarks
+from benchmarks.testsets import DEFAULT_ROOT, benchmarks, load_set
 from pipeline.config import load_params
 from pipeline.evaluation.methods import load_methods
 from pipeline.files import atomic_path, write_json
 
-SECTIONS = ("quality", "speed", "engines", "storage", "growth")
+SECTIONS = ("quality", "routing", "speed", "engines", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4, help="images per test set (0: all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["quality", "speed", "engines", "storage"],
                         help="growth: time a `dvc repro` after adding a degradation, in a clone (about 20 min)")
-    parser.add_argument("--sets", default=None, help="quality: only the benchmarks whose name matches this regex, "
-                                                    "e.g. 'CBSD68 noise'")
+    parser.add_argument("--sets", default=None, help="quality, routing: only the benchmarks whose name matches this "
+                                                    "regex, e.g. 'CBSD68 noise'")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the fastest is kept)")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D, NLM, TV, Wiener, Richardson-Lucy")
     parser.add_argument("--classical", default=".", help="quality: only the classical methods whose name matches "
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.update and out.with_suffix(".json").is_file():
         result = json.loads(out.with_suffix(".json").read_text())
     result.update(machine=machine(), profile=params.profile_name)
-    if "quality" in args.sections:
+    if {"quality", "routing"} & set(args.sections):
         result["images_per_set"] = args.images or "all"
     if "storage" in args.sections:
         result["storage"] = speed.storage(models)
@@ -82,17 +82,24 @@ def main(argv: list[str] | None = None) -> None:
         result["engine_restore"] = speed.restore_by_engine(models, [r["engine"] for r in result["engines"]["rows"]])
     if "growth" in args.sections:
         result["growth_repro"] = growth.timed_repro(Path.cwd())
-    if "quality" in args.sections:
+    if {"quality", "routing"} & set(args.sections):
         degradations = OmegaConf.to_container(params.degradations, resolve=True)
         mixes = ["+".join(m) for m in params.mixed if len(m) == 2][:2]
         sets, skipped = benchmarks(args.testsets, degradations, mixes, args.images)
         for line in skipped:
             print(f"benchmarks: skipped {line}")
-        methods, _ = load_methods(models)  # the settings `uir restore` uses
+        methods, restorer = load_methods(models)  # the settings `uir restore` uses
         if args.sets:
             sets = [bench for bench in sets if re.search(args.sets, bench.name)]
-        result["quality"] = quality.run(sets, methods, classical=None if args.no_classical else args.classical, backbone=models / "backbone")
         result["skipped"] = skipped
+    if "routing" in args.sections:
+        clean_sets = {name: [image for _, image in load_set(args.testsets, name, args.images)]
+                      for name in ("CBSD68", "Kodak24", "LIVE1")}
+        clean_sets = {name: images for name, images in clean_sets.items()
+                      if images and (not args.sets or re.search(args.sets, f"{name} clean"))}
+        result["routing"] = routing.run(sets, clean_sets, restorer)
+    if "quality" in args.sections:
+        result["quality"] = quality.run(sets, methods, classical=None if args.no_classical else args.classical, backbone=models / "backbone")
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
     write_json(out.with_suffix(".json"), result)
     text = markdown(result)

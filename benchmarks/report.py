@@ -35,6 +35,13 @@ def markdown(result: dict) -> str:
                              "published, not run here"], rows))
         for line in result.get("skipped", []):
             parts.append(f"- skipped {line}")
+    if "routing" in result:
+        parts.append(f"\n**What the router decides on real photographs** ({result['images_per_set']} images per set; the "
+                     "decision `uir restore` acts on: `clean` and `unknown` are left as they are, otherwise the adapters "
+                     "applied; *as the truth*: clean photos called clean, degraded ones given exactly their adapters)")
+        rows = [[r["benchmark"], str(r["images"]), f"{r['as_truth']} ({100 * r['as_truth'] / r['images']:.0f} %)",
+                 str(r["unchanged"]), ", ".join(f"{d} {n}" for d, n in r["decisions"].items())] for r in result["routing"]]
+        parts.append(_table(["set", "images", "as the truth", "left as they were", "decisions"], rows))
     if "training" in result:
         parts.append("\n**Training throughput** (one optimisation step at the stage's batch and patch size, the "
                      "fastest of the repeats; *before*: PEFT's own LoRA forward, replaced by the merged-weight forward)")

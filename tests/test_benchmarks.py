@@ -119,12 +119,15 @@ def test_report_renders_every_section():
                     "operators": {"fp32": {"Conv": 0.8, "other": 0.2}, "int8": {"Conv": 0.5, "QuantizeLinear": 0.3, "other": 0.2}}},
         "engine_restore": [{"engine": "ONNX Runtime int8", "megapixels": 12, "seconds": 10, "ms_per_megapixel": 833,
                             "peak_rss_mb": 700}],
+        "routing": [{"benchmark": "LIVE1 JPEG q=10", "truth": "jpeg", "images": 4, "as_truth": 3, "unchanged": 1,
+                     "decisions": {"jpeg": 3, "clean": 1}}],
     }
     text = markdown(result)
     for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 | — | 0.800 |", "| CBSD68 noise σ=25 | CBM3D |  |  |  |  | 30.71 |",
                    "published, not run here", "Cost of growth", "of matmul rate", "620,000", "1024²",
                    "| ONNX Runtime fp32 | K=2 | 812 |", "| Kodak24 σ=25 | 30.00 | 29.50 |", "| QuantizeLinear | 0 % | 30 % |",
-                   "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |"):
+                   "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |",
+                   "| LIVE1 JPEG q=10 | 4 | 3 (75 %) | 1 | jpeg 3, clean 1 |"):
         assert needle in text
 
 
@@ -174,3 +177,29 @@ def test_backbone_sizes_train_on_one_budget_and_are_judged_at_the_oracle_timeste
     row = {"name": "XS", "steps": steps, **judged}
     text = backbones.markdown({"budget_minutes": 0.05, "threads": 2, "data": "embedded", "images": 1, "rows": [row]})
     assert f"| XS | {judged['parameters'] / 1e6:.2f} M | {steps} |" in text
+
+
+def test_routing_counts_each_decision_as_uir_restore_acts_on_it(photo, tiny_models, tmp_path):
+    import shutil
+
+    import torch
+
+    from benchmarks import routing
+    from benchmarks.testsets import Benchmark
+    from pipeline.models.restorer import UniversalRestorer
+    from pipeline.models.router import DegradationRouter, RouterConfig
+
+    shutil.copytree(tiny_models, tmp_path / "models")
+    torch.manual_seed(0)
+    DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4, clean=True,
+                                   clean_threshold=0.0)).save_pretrained(tmp_path / "models" / "router")
+    everything_clean = UniversalRestorer.from_pretrained(tmp_path / "models")
+    noisy = Benchmark("noise σ=25", [Case("a", photo, gaussian_noise(photo, 25, 0), "noise")] * 2)
+    rows = routing.run([noisy], {"photos": [photo] * 3}, everything_clean)
+    assert rows == [
+        {"benchmark": "photos clean", "truth": "clean", "images": 3, "as_truth": 3, "unchanged": 3, "decisions": {"clean": 3}},
+        {"benchmark": "noise σ=25", "truth": "noise", "images": 2, "as_truth": 0, "unchanged": 2, "decisions": {"clean": 2}}]
+    never_clean = UniversalRestorer.from_pretrained(tiny_models).with_settings(policy="top1")  # no clean class
+    (row,) = routing.run([noisy], {}, never_clean)
+    assert row["unchanged"] == 0 and sum(row["decisions"].values()) == 2 and "clean" not in row["decisions"]
+    assert row["as_truth"] == row["decisions"].get("noise", 0)

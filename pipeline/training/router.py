@@ -24,11 +24,19 @@ from pipeline.training.schedules import warmup_cosine
 def router_loss(router: DegradationRouter, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Soft cross-entropy of the router's logits ``s / τ`` against target distributions (a last column
     for "clean" where the router has that class), plus binary cross-entropy of its presence logits
-    against the degradations present (``targets > 0``; none for a clean image)."""
+    against the degradations present (``targets > 0``) on the degraded images only.
+
+    Clean images train the softmax, not the presence output: which degradations a *degraded* image holds
+    is its question. Trained on clean images too (all absent), it lowered the presence of a mix's second
+    component (0.51 -> 0.34 on seed 1's test mixes) and the router's mix recall by 0.04 over 3 seeds."""
     logits, presence = router(images)
     soft_cross_entropy = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-    present = (targets[:, : presence.shape[-1]] > 0).float()
-    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence, present)
+    n = presence.shape[-1]
+    degraded = targets[:, n:].sum(dim=-1) == 0
+    if not degraded.any():
+        return soft_cross_entropy
+    present = (targets[degraded, :n] > 0).float()
+    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence[degraded], present)
 
 
 class RouterTraining(L.LightningModule):
