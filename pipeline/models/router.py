@@ -16,7 +16,7 @@ flagged as an unknown degradation.
 A router that knows only degradations calls every photo degraded: before it had a ``clean`` class, the
 shipped router sent 39 of 60 clean CBSD432 photos and 15 of 29 clean LIVE1 photos to the haze adapter, and
 12 of 29 real q=10 JPEGs of LIVE1 to haze or rain (a clean photo through the haze adapter: 14 dB PSNR; a
-q=10 JPEG through the rain adapter: 5.5 dB below its input). So it also has a prototype for clean images
+q=10 JPEG through the rain adapter: 5.5–6.6 dB below its input). So it also has a prototype for clean images
 (trained on the clean counterparts of its training patches); an image whose softmax probability of being
 clean reaches ``clean_threshold`` (calibrated on validation so that at most a bounded share of degraded
 images is called clean) is flagged ``clean``.
