@@ -135,10 +135,32 @@ class Logger(Strict):
     panel_images: int = Field(ge=0)
 
 
+class ToneRanges(Strict):
+    """``router.train.tone``: the ranges of a clean photo's random gamma and gain (``ToneJitter``)."""
+
+    gamma: tuple[float, float]
+    gain: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _positive_ranges(self) -> "ToneRanges":
+        for name, (low, high) in (("gamma", self.gamma), ("gain", self.gain)):
+            if not 0 < low <= high:
+                raise ValueError(f"tone.{name} must be a range [low, high] with 0 < low <= high, got [{low}, {high}]")
+        return self
+
+
 class RouterTrain(Optimisation):
     max_steps: int = PositiveInt
     mixed_patches: int = Field(ge=0)
     mixed_val_patches: int = Field(ge=0)
+    tone_patches: int = Field(ge=0)
+    tone: Optional[ToneRanges]
+
+    @model_validator(mode="after")
+    def _tone_for_toned_patches(self) -> "RouterTrain":
+        if self.tone_patches and self.tone is None:
+            raise ValueError("router.train.tone_patches > 0 needs router.train.tone (the ranges to draw from)")
+        return self
 
 
 class Router(Strict):

@@ -2,8 +2,9 @@
 
 Trained on the single-degradation training sets, plus (``router.train.mixed_patches`` > 0) random
 pairs of degradations applied to clean training patches, labelled with both components, plus the clean
-patches themselves, labelled "clean". The unknown-degradation, mix and clean thresholds are calibrated
-on validation data. Writes ``<out>/`` (config.json +
+patches themselves, labelled "clean", plus (``router.train.tone_patches`` > 0) singles and clean patches
+whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes).
+The unknown-degradation, mix and clean thresholds are calibrated on validation data. Writes ``<out>/`` (config.json +
 model.safetensors), validation metrics and the W&B pointer.
 """
 
@@ -32,13 +33,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.data.datasets import D4Augmented, LabelledImages
     from pipeline.data.loaders import ShuffledD4Sampler, evaluation_loader, training_loader
+    from pipeline.data.synthesis import ToneJitter
     from pipeline.files import write_json
     import pipeline.models.router as router_model
     import pipeline.training.router as router_training
     from pipeline.models.router import CLEAN_DESCRIPTION, DegradationRouter, RouterConfig, text_prototypes
     from pipeline.tracking import finish, log_model_folder, make_logger
     from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_mix_threshold,
-                                          calibrate_threshold, clean_set, mixed_set, with_clean_column)
+                                          calibrate_threshold, clean_set, pairs, patch_set, with_clean_column)
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
     seed(params)
@@ -47,13 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     roots = [Path(args.data) / n for n in names]
 
     sizes = params.synthesis
-    parts = {}  # per split: singles, mixes (if any), clean — targets over the degradations, then "clean"
-    for split, count, size in (("train", cfg.train.mixed_patches, sizes.patch_size),
-                               ("val", cfg.train.mixed_val_patches, sizes.eval_crop)):
-        mixed = mixed_set(params, names, args.clean, split, count, size)
-        parts[split] = {"singles": with_clean_column(LabelledImages.from_sets(roots, split)),
-                        **({"mixes": with_clean_column(mixed)} if mixed is not None else {}),
-                        "clean": clean_set(roots[0], split, len(names) + 1)}
+    tone = ToneJitter(tuple(cfg.train.tone.gamma), tuple(cfg.train.tone.gain)) if cfg.train.tone else None
+    drawn = {  # per split, the sets made in memory: (combos, count, random stream, tone change)
+        "train": {"mixes": (pairs(names), cfg.train.mixed_patches, "mixed-patches", tone),
+                  "toned": ([(n,) for n in names] + [()], cfg.train.tone_patches, "toned-patches", tone)},
+        "val": {"mixes": (pairs(names), cfg.train.mixed_val_patches, "mixed-patches", None)}}
+    parts = {}  # per split: singles, mixes, clean, tone-changed singles and clean (those drawn only if any)
+    for split, size in (("train", sizes.patch_size), ("val", sizes.eval_crop)):
+        made = {kind: patch_set(params, names, args.clean, split, combos, count, size, stream, jitter)
+                for kind, (combos, count, stream, jitter) in drawn[split].items()}
+        parts[split] = {"singles": with_clean_column(LabelledImages.from_sets(roots, split)), "mixes": made["mixes"],
+                        "clean": clean_set(roots[0], split, len(names) + 1), "toned": made.get("toned")}
+        parts[split] = {kind: images for kind, images in parts[split].items() if images is not None}
 
     prototypes = None
     if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings

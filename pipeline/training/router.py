@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from pipeline.data.datasets import LabelledImages, PairedDataset
 from pipeline.data.tensors import to_tensor
-from pipeline.data.synthesis import load_clean, mixed_patches
+from pipeline.data.synthesis import ToneJitter, degraded_patches, load_clean
 from pipeline.models.router import DegradationRouter, Routing, select_adapters
 from pipeline.training.schedules import warmup_cosine
 
@@ -101,15 +101,24 @@ class RouterTraining(L.LightningModule):
                 "lr_scheduler": warmup_cosine(optimizer, self.hparams.warmup_steps, self.hparams.max_steps)}
 
 
-def mixed_set(params, names: list[str], clean_dir: str, split: str, count: int, size: int) -> LabelledImages | None:
-    """``count`` mixed ``size``² patches of one split's clean images, targets uniform over components."""
-    if count <= 0 or len(names) < 2:
+def pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every pair of degradations, each applied in ``names`` order."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+
+
+def patch_set(params, names: list[str], clean_dir: str, split: str, combos: list[tuple[str, ...]], count: int,
+              size: int, stream: str, tone: ToneJitter | None = None) -> LabelledImages | None:
+    """``count`` ``size``² patches of one split's clean images, each degraded by a random one of ``combos``
+    (see ``degraded_patches``); targets uniform over a patch's components, or "clean" (the last of
+    ``len(names) + 1`` columns) for an empty combo. None where there is nothing to draw."""
+    if count <= 0 or not combos:
         return None
-    patches = mixed_patches(params.degradations, names, load_clean(clean_dir, split), size, count,
-                            params.seed + (split == "val"))
-    targets = torch.zeros(len(patches), len(names))
+    patches = degraded_patches(params.degradations, combos, load_clean(clean_dir, split), size, count,
+                               params.seed + (split == "val"), stream, tone)
+    targets = torch.zeros(len(patches), len(names) + 1)
     for row, (_, components) in enumerate(patches):
-        targets[row, [names.index(c) for c in components]] = 1.0 / len(components)
+        columns = [names.index(c) for c in components] or [len(names)]
+        targets[row, columns] = 1.0 / len(columns)
     return LabelledImages([to_tensor(image) for image, _ in patches], targets)
 
 
