@@ -165,3 +165,45 @@ def test_exact_filter_is_integer_arithmetic_whatever_opencv_does(kernel, separab
     cv2.setUseOptimized(True)
     cv2.setNumThreads(-1)
     assert all(np.array_equal(r, reference) for r in results)
+
+
+@pytest.mark.parametrize("gamma,gain,darker", [
+    ((1.0, 1.0), (1.0, 1.0), None),  # no change: the photo itself
+    ((1.3, 1.4), (0.7, 0.8), True),
+    ((0.6, 0.7), (1.0, 1.0), False),
+])
+def test_tone_jitter_changes_only_the_tone(photo, gamma, gain, darker):
+    from pipeline.data.synthesis import ToneJitter
+
+    toned = ToneJitter(gamma, gain)(photo, np.random.default_rng(0))
+    assert toned.dtype == np.uint8 and toned.shape == photo.shape
+    if darker is None:
+        assert np.array_equal(toned, photo)
+    else:
+        assert (toned.mean() < photo.mean()) == darker
+        # a monotone map of each value: the order of the pixels' values is kept
+        order = np.argsort(photo[..., 0].ravel(), kind="stable")
+        assert (np.diff(toned[..., 0].ravel()[order].astype(int)) >= 0).all()
+    assert np.array_equal(toned, ToneJitter(gamma, gain)(photo, np.random.default_rng(0)))
+
+
+def test_degraded_patches_label_what_was_applied(params, photo):
+    from pipeline.data.synthesis import ToneJitter, degraded_patches
+
+    images = {"a": photo, "b": photo[:, ::-1].copy()}
+    combos = [("noise",), ("blur", "jpeg"), ()]
+    patches = degraded_patches(params.degradations, combos, images, 32, 24, seed=3, stream="test")
+    assert len(patches) == 24 and {tuple(c) for _, c in patches} == set(combos)
+    assert all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p, _ in patches)
+    # an empty combo is a clean patch of one of the photos, as it was
+    clean = [p for p, c in patches if not c]
+    assert all(any((p == img[i:i + 32, j:j + 32]).all() for img in images.values()
+                   for i in range(65) for j in range(65)) for p in clean[:2])
+    again = degraded_patches(params.degradations, combos, images, 32, 24, seed=3, stream="test")
+    assert all(np.array_equal(p, q) and c == d for (p, c), (q, d) in zip(patches, again))
+    # the tone change comes from its own draws: the same combos, other pixels
+    toned = degraded_patches(params.degradations, combos, images, 32, 24, seed=3, stream="test",
+                             tone=ToneJitter((1.3, 1.4), (0.7, 0.8)))
+    assert [c for _, c in toned] == [c for _, c in patches]
+    assert np.mean([p.mean() for p, _ in toned]) < np.mean([p.mean() for p, _ in patches])
+    assert degraded_patches(params.degradations, [], images, 32, 24, seed=3, stream="test") == []

@@ -229,6 +229,23 @@ def test_clean_sets_label_the_ground_truth_of_the_singles(tiny_project):
     assert singles.targets.shape[1] == 3 and (singles.targets[:, 2] == 0).all()
 
 
+def test_patch_sets_target_the_components_or_clean(tiny_project):
+    from omegaconf import OmegaConf
+
+    from pipeline.training.router import pairs, patch_set
+
+    params = OmegaConf.load(tiny_project / "params.yaml")
+    names = ["noise", "blur", "jpeg"]
+    assert pairs(names) == [("noise", "blur"), ("noise", "jpeg"), ("blur", "jpeg")]
+    combos = [("noise",), ("noise", "jpeg"), ()]
+    made = patch_set(params, names, str(tiny_project / "data/clean"), "train", combos, 30, 16, "test")
+    assert len(made) == 30 and made.images[0].shape == (3, 16, 16)
+    rows = {tuple(row) for row in made.targets.tolist()}
+    assert rows == {(1.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.5, 0.0), (0.0, 0.0, 0.0, 1.0)}
+    assert patch_set(params, names, str(tiny_project / "data/clean"), "train", combos, 0, 16, "test") is None
+    assert patch_set(params, ["noise"], str(tiny_project / "data/clean"), "train", pairs(["noise"]), 8, 16, "t") is None
+
+
 @pytest.mark.parametrize("degraded_clean_probability,expected_threshold,expected_detection", [
     ([0.01] * 99 + [0.95], 0.02, 1.0),  # 1 of 100 degraded may be called clean: everything clean is found
     ([0.01] * 97 + [0.95] * 3, 0.96, 1 / 3),  # 3 of 100 may not: the threshold climbs over them
