@@ -165,6 +165,7 @@ class RouterTrain(Optimisation):
 
 class Router(Strict):
     prototypes: Literal["learned", "text"]
+    clean_output: Literal["prototype", "presence"]
     embed_dim: int = PositiveInt
     width: int = Field(ge=4, multiple_of=4)  # GroupNorm(4, width)
     temperature: float = Field(gt=0)

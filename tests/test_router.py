@@ -217,6 +217,50 @@ def test_router_loss_trains_clean_on_the_softmax_only(clean_router):
     assert torch.allclose(router_loss(clean_router, images[:1], targets[:1]), clean_only)
 
 
+@pytest.fixture
+def presence_clean_router():
+    torch.manual_seed(0)
+    return DegradationRouter(RouterConfig(names=["noise", "blur", "haze"], embed_dim=8, width=4, clean=True,
+                                          clean_output="presence")).eval()
+
+
+def test_a_clean_presence_output_is_one_more_presence_but_no_class(tmp_path, presence_clean_router):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    logits, presence = presence_clean_router(images)
+    assert logits.shape == (3, 3) and presence.shape == (3, 4) and presence_clean_router.prototypes.shape == (3, 8)
+    routing = presence_clean_router.route(images)
+    assert routing.presence.shape == routing.probabilities.shape == (3, 3)
+    assert torch.allclose(routing.clean_probability, presence[:, 3].sigmoid())
+    assert torch.allclose(routing.probabilities, logits.softmax(-1))
+    presence_clean_router.config.clean_threshold = 0.0
+    assert presence_clean_router.route(images).clean.all()
+    presence_clean_router.save_pretrained(tmp_path / "router")
+    loaded = DegradationRouter.from_pretrained(tmp_path / "router")
+    assert loaded.config.clean_output == "presence" and torch.equal(loaded(images)[1], presence)
+    with pytest.raises(ValueError, match="clean_output must be one of"):
+        DegradationRouter(RouterConfig(names=["noise"], clean=True, clean_output="softmax"))
+
+
+def test_router_loss_trains_a_clean_presence_output_without_the_softmax(presence_clean_router):
+    import torch.nn.functional as F
+
+    from pipeline.training.router import router_loss
+
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    targets = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.0, 0.0]])  # a clean image, a noise+blur mix
+    logits, presence = presence_clean_router(images)
+    bce = F.binary_cross_entropy_with_logits
+    # the clean image: its clean output only; the mix: the softmax and every presence output, "clean" absent
+    expected = (-(targets[1:, :3] * logits[1:].log_softmax(-1)).sum()
+                + (bce(presence[0, 3], torch.tensor(1.0)) + 4 * bce(presence[1], torch.tensor([1.0, 1, 0, 0]))) / 5)
+    assert torch.allclose(router_loss(presence_clean_router, images, targets), expected)
+    assert torch.allclose(router_loss(presence_clean_router, images[:1], targets[:1]), bce(presence[0, 3], torch.tensor(1.0)))
+    # the encoder learns nothing from a clean image: its only loss reads detached features
+    router_loss(presence_clean_router, images[:1], targets[:1]).backward()
+    assert all(p.grad is None or not p.grad.any() for p in presence_clean_router.encoder.parameters())
+    assert presence_clean_router.presence.weight.grad[3].any()
+
+
 def test_clean_sets_label_the_ground_truth_of_the_singles(tiny_project):
     from pipeline.data.datasets import LabelledImages, PairedDataset
     from pipeline.training.router import clean_set, with_clean_column

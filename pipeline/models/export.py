@@ -94,8 +94,9 @@ def merged_unet(composition: AdapterComposition, mix: Mapping[str, float]) -> UN
 
 def export_router(router: DegradationRouter, path: str | Path) -> Path:
     """The router as ONNX: ``image`` (B×3×H×W on [-1, 1], any size) -> ``logits`` (s/τ; B×N over
-    ``router.names``, plus a last column for "clean" where the router has that class) and ``presence_logits``
-    (B×N); softmax, sigmoid and the policy are the caller's."""
+    ``router.names``) and ``presence_logits`` (B×N), the "clean" output a last column of the one that the
+    ``clean_output`` property names (none where ``clean_class`` is false); softmax, sigmoid and the policy are
+    the caller's."""
     import onnx
 
     path = Path(path)
@@ -108,7 +109,8 @@ def export_router(router: DegradationRouter, path: str | Path) -> Path:
                                         "presence_logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {"degradations": json.dumps(router.names), "clean_class": json.dumps(router.config.clean)})
+    onnx.helper.set_model_props(model, {"degradations": json.dumps(router.names), "clean_class": json.dumps(router.config.clean),
+                                        "clean_output": json.dumps(router.config.clean_output)})
     onnx.save(model, str(path))
     return path
 

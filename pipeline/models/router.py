@@ -48,14 +48,24 @@ class RouterConfig:
     threshold: float = -1.0  # best cosine similarity below this: unknown degradation
     mix_threshold: float = 0.5  # another adapter's presence at or above this: a mix (policy "gated")
     prototypes: str = "learned"  # learned | text
-    clean: bool = False  # one more prototype, for images without degradation (after the N degradations')
-    clean_threshold: float = 1.0  # softmax probability of "clean" at or above this: a clean image
+    clean: bool = False  # a "clean" output, for images without degradation
+    clean_threshold: float = 1.0  # probability of "clean" at or above this: a clean image
+    clean_output: str = "prototype"  # prototype (one more softmax class) | presence (one more presence output)
+
+    @property
+    def clean_prototype(self) -> bool:
+        return self.clean and self.clean_output == "prototype"
+
+    @property
+    def clean_presence(self) -> bool:
+        return self.clean and self.clean_output == "presence"
 
 
 CLEAN_DESCRIPTION = "a clean, sharp, well-exposed photograph without any degradation"
 
 
 POLICIES = ("top1", "gated", "topk")
+CLEAN_OUTPUTS = ("prototype", "presence")
 
 
 @dataclass
@@ -138,7 +148,9 @@ class DegradationRouter(torch.nn.Module):
         super().__init__()
         self.config = config
         w, n = config.width, len(config.names)
-        classes = n + config.clean
+        if config.clean_output not in CLEAN_OUTPUTS:
+            raise ValueError(f"clean_output must be one of {CLEAN_OUTPUTS}, got {config.clean_output!r}")
+        classes = n + config.clean_prototype
 
         def block(c_in: int, c_out: int, stride: int) -> list[torch.nn.Module]:
             return [torch.nn.Conv2d(c_in, c_out, 3, stride, 1), torch.nn.GroupNorm(4, c_out), torch.nn.GELU()]
@@ -147,7 +159,7 @@ class DegradationRouter(torch.nn.Module):
         self.encoder = torch.nn.Sequential(*block(3, w, 1), *block(w, w, 1), *block(w, 2 * w, 2),
                                            *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 2))
         self.head = torch.nn.Linear(8 * w, config.embed_dim)  # mean and std pooled features
-        self.presence = torch.nn.Linear(8 * w, n)
+        self.presence = torch.nn.Linear(8 * w, n + config.clean_presence)
         if config.prototypes == "text":
             if prototypes is None or prototypes.shape != (classes, config.embed_dim):
                 raise ValueError(f"text prototypes must be given as ({classes}, {config.embed_dim})")
@@ -155,7 +167,7 @@ class DegradationRouter(torch.nn.Module):
         else:
             if prototypes is not None and prototypes.shape[0] != classes:
                 raise ValueError(f"{prototypes.shape[0]} prototypes for {classes} classes "
-                                 f"({n} degradations{' + clean' if config.clean else ''})")
+                                 f"({n} degradations{' + clean' if config.clean_prototype else ''})")
             self.prototypes = torch.nn.Parameter(torch.randn(classes, config.embed_dim) if prototypes is None else prototypes)
 
     @property
@@ -175,8 +187,9 @@ class DegradationRouter(torch.nn.Module):
         return self.embed(images) @ F.normalize(self.prototypes, dim=-1).T
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``s / τ`` (B, N, plus a last column for "clean" where the router has that class) and
-        presence logits (B, N), from one pass of the encoder."""
+        """Logits ``s / τ`` (B, N) and presence logits (B, N), from one pass of the encoder; a router with a
+        clean output has one more, last column in the logits (``clean_output`` "prototype") or in the
+        presence logits ("presence")."""
         pooled = self._pooled(images)
         similarity = F.normalize(self.head(pooled), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
         # The presence output reads the features without training them: trained jointly, its loss cost the
@@ -200,7 +213,9 @@ class DegradationRouter(torch.nn.Module):
     def routing(self, similarity: torch.Tensor, presence: torch.Tensor) -> Routing:
         n = len(self.names)
         degradations = similarity[:, :n]
-        if self.config.clean:
+        if self.config.clean_presence:
+            clean_probability, presence = presence[:, n], presence[:, :n]
+        elif self.config.clean:
             clean_probability = (similarity / self.config.temperature).softmax(dim=-1)[:, n]
         else:
             clean_probability = torch.zeros(similarity.shape[0], device=similarity.device)

@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> None:
 
     prototypes = None
     if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings
-        prototypes = text_prototypes([params.degradations[n].description for n in names] + [CLEAN_DESCRIPTION])
+        clean = [CLEAN_DESCRIPTION] if cfg.clean_output == "prototype" else []
+        prototypes = text_prototypes([params.degradations[n].description for n in names] + clean)
     router = DegradationRouter(RouterConfig(
         names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
-        temperature=cfg.temperature, prototypes=cfg.prototypes, clean=True), prototypes=prototypes)
+        temperature=cfg.temperature, prototypes=cfg.prototypes, clean=True, clean_output=cfg.clean_output),
+        prototypes=prototypes)
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)

@@ -22,21 +22,32 @@ from pipeline.training.schedules import warmup_cosine
 
 
 def router_loss(router: DegradationRouter, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions (a last column
-    for "clean" where the router has that class), plus binary cross-entropy of its presence logits
-    against the degradations present (``targets > 0``) on the degraded images only.
+    """Soft cross-entropy of the router's logits ``s / τ`` against target distributions, plus binary
+    cross-entropy of its presence logits against the degradations present (``targets > 0``) on the degraded
+    images only. ``targets`` has a last column for "clean" where the router has a clean output.
 
-    Clean images train the softmax, not the presence output: which degradations a *degraded* image holds
-    is its question. Trained on clean images too (all absent), it lowered the presence of a mix's second
-    component (0.51 -> 0.34 on seed 1's test mixes) and the router's mix recall by 0.04 over 3 seeds."""
+    Clean images train the clean output, not the presence of degradations: which degradations a *degraded*
+    image holds is its question. Trained on clean images too (all absent), it lowered the presence of a mix's
+    second component (0.51 -> 0.34 on seed 1's test mixes) and the router's mix recall by 0.04 over 3 seeds.
+    With the clean output a prototype, clean images are one more class of the softmax; with it a presence
+    output (read from the encoder's features without training them), they train that output alone, and
+    degraded images train it towards "not clean"."""
     logits, presence = router(images)
-    soft_cross_entropy = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-    n = presence.shape[-1]
+    n = len(router.names)
     degraded = targets[:, n:].sum(dim=-1) == 0
+    if not router.config.clean_presence:
+        soft_cross_entropy = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+        if not degraded.any():
+            return soft_cross_entropy
+        return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence[degraded], (targets[degraded, :n] > 0).float())
+    present = (targets > 0).float()
+    mask = torch.ones_like(present)
+    mask[~degraded, :n] = 0.0  # a clean image says nothing of which degradation would be present
+    presence_loss = (F.binary_cross_entropy_with_logits(presence, present, reduction="none") * mask).sum() / mask.sum()
     if not degraded.any():
-        return soft_cross_entropy
-    present = (targets[degraded, :n] > 0).float()
-    return soft_cross_entropy + F.binary_cross_entropy_with_logits(presence[degraded], present)
+        return presence_loss
+    soft_cross_entropy = -(targets[degraded, :n] * logits[degraded].log_softmax(dim=-1)).sum(dim=-1).mean()
+    return soft_cross_entropy + presence_loss
 
 
 class RouterTraining(L.LightningModule):
@@ -56,16 +67,17 @@ class RouterTraining(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits, presence = self.router(batch["image"])
-        n = presence.shape[-1]
+        n = len(self.router.names)
         if self.router.config.clean:
-            clean, called_clean = batch["target"][:, n] > 0, logits.argmax(-1) == n
+            clean = batch["target"][:, n] > 0
+            called_clean = presence[:, n] > 0 if self.router.config.clean_presence else logits.argmax(-1) == n
             for kind, rows in (("clean", clean), ("degraded", ~clean)):
                 if rows.any():
                     self.called_clean[kind].update(called_clean[rows].float())
             logits, presence, target = logits[~clean], presence[~clean], batch["target"][~clean]
         else:
             target = batch["target"]
-        probabilities, presence = logits[:, :n].softmax(-1), presence.sigmoid()
+        probabilities, presence = logits[:, :n].softmax(-1), presence[:, :n].sigmoid()
         target = target[:, :n]
         single = (target > 0).sum(dim=-1) == 1
         detected = select_adapters(probabilities, "gated", 2, 0.5, presence).count_nonzero(-1) > 1
