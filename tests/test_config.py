@@ -99,7 +99,7 @@ def test_per_degradation_adapter_and_training_overrides():
     ("mixed", [["noise", "snow"]], "unknown: ['snow']"),
     ("lora.train.lr", "fast", "lora.train.lr = 'fast'"),
     ("lora.adapter.rankk", 8, "lora.adapter.rankk = 8: Extra inputs are not permitted"),
-    ("router.train.tone", None, "router.train.tone_patches > 0 needs router.train.tone"),
+    ("router.train.tone_patches", 512, "router.train.tone_patches > 0 needs router.train.tone"),
     ("router.train.tone", {"gamma": [1.4, 0.7], "gain": [0.8, 1.0]}, "tone.gamma must be a range [low, high]"),
 ])
 def test_bad_params_are_refused_with_the_key_and_the_allowed_range(tmp_path, key, value, message):
