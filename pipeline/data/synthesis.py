@@ -111,7 +111,7 @@ class ToneJitter:
 
     Applied to a clean patch *before* its degradation, so a router trained on such patches learns the
     degradation rather than the exposure of the few photos it was trained on (a router trained without it
-    called 12 of 48 clean crops of a dark test photo low-light)."""
+    called 12 of 48 clean test crops low-light)."""
 
     gamma: tuple[float, float]
     gain: tuple[float, float]

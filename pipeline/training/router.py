@@ -7,6 +7,7 @@ false-mix rate; clean images at a bounded false-clean rate)."""
 from __future__ import annotations
 
 from dataclasses import fields
+from itertools import combinations
 from pathlib import Path
 
 import lightning as L
@@ -115,7 +116,7 @@ class RouterTraining(L.LightningModule):
 
 def pairs(names: list[str]) -> list[tuple[str, str]]:
     """Every pair of degradations, each applied in ``names`` order."""
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    return list(combinations(names, 2))
 
 
 def patch_set(params, names: list[str], clean_dir: str, split: str, combos: list[tuple[str, ...]], count: int,
