@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.cli import main as uir
 from pipeline.images import read_image
 from pipeline.models.folder import ModelsFolderError
-from pipeline.models.restorer import RestorationSettings, UniversalRestorer
+from pipeline.models.restorer import RestorationCache, RestorationSettings, UniversalRestorer
 from pipeline.models.router import DegradationRouter, RouterConfig
 
 from .conftest import ROOT
@@ -289,6 +289,43 @@ def test_gray_with_alpha_and_flat_arrays_keep_their_shape(restorer, tmp_path):
     write_image(tmp_path / "out.png", restorer.restore(read_image(tmp_path / "la.png"), weights={"noise": 1.0}))
     assert Image.open(tmp_path / "out.png").mode == "LA"
     assert restorer.restore(Image.open(tmp_path / "la.png"), weights={"noise": 1.0}).mode == "LA"
+
+
+@pytest.mark.parametrize("settings", [{"policy": "top1"}, {"policy": "gated"}, {"policy": "topk", "composition": "weights"},
+                                      {"policy": "topk", "composition": "sequential"}])
+def test_a_cached_restorer_restores_exactly_as_without_its_cache(tiny_models, restorer, settings):
+    cached = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache())
+    image = rgb(40, 56, seed=5)
+    for _ in range(2):  # computed, then from the cache
+        assert np.array_equal(cached.with_settings(**settings).restore(image), restorer.with_settings(**settings).restore(image))
+    assert cached.cache.hits > 0
+
+
+def test_the_cache_reuses_steps_and_keeps_images_and_tilings_apart(tiny_models):
+    cache = RestorationCache()
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=cache)
+    image = rgb(40, 56, seed=6)
+    restorer.with_settings(composition="sequential").restore(image, weights={"noise": 0.5, "blur": 0.5})
+    misses = cache.misses
+    restorer.restore(image, weights={"noise": 1.0})  # the sequential mix's first step (undo_order: noise first)
+    assert cache.misses == misses
+    restorer.restore(image[::-1].copy(), weights={"noise": 1.0})  # other pixels
+    assert cache.misses == misses + 1
+    UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=4, cache=cache).restore(image, weights={"noise": 1.0})
+    assert cache.misses == misses + 2
+
+
+def test_the_cache_drops_the_least_recently_used_beyond_its_size():
+    value = lambda v: (lambda: torch.full((3, 8, 8), float(v)))  # noqa: E731 -- 768 bytes each
+    cache = RestorationCache(max_bytes=2 * 768)
+    cache.get(("a",), value(1))
+    cache.get(("b",), value(2))
+    cache.get(("a",), value(9))  # a hit: b is now the oldest
+    cache.get(("c",), value(3))
+    assert len(cache) == 2
+    assert cache.get(("a",), value(9))[0, 0, 0] == 1 and cache.get(("b",), value(7))[0, 0, 0] == 7
+    with pytest.raises(ValueError, match="max_bytes"):
+        RestorationCache(max_bytes=-1)
 
 
 def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path):

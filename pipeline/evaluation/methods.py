@@ -21,7 +21,8 @@ import torch
 
 from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.folder import BASELINE_KINDS, ModelsFolder
-from pipeline.models.restorer import RestorationSettings, UniversalRestorer, from_float, restore_tiled, to_float
+from pipeline.models.restorer import (RestorationCache, RestorationSettings, UniversalRestorer, from_float, restore_tiled,
+                                      to_float)
 
 Restore = Callable[[np.ndarray, str], np.ndarray]
 
@@ -67,9 +68,10 @@ def baseline_method(folder: ModelsFolder, name: str, multiple: int, device: str 
 def load_methods(models: str | Path, settings: RestorationSettings | None = None,
                  device: str = "cpu") -> tuple[list[Method], UniversalRestorer]:
     """Every compared method, in report order, and the UIR-LoRA restorer they share (``settings``: default
-    the models folder's, as ``uir restore`` uses them)."""
+    the models folder's, as ``uir restore`` uses them) with one ``RestorationCache``: the variants restore each
+    set of adapter steps an image gets once."""
     folder = ModelsFolder(models)
-    restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device)
+    restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device, cache=RestorationCache())
     shipped = restorer.settings
     variants = {
         "uir_lora_top1": ("UIR-LoRA, top-1 routing", restorer.with_settings(policy="top1")),

@@ -15,6 +15,8 @@ by the paper's ``weights``-space composition at the weight-averaged ``t*``.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -242,6 +244,48 @@ def from_float(restored: torch.Tensor, back: Any) -> Any:
     return out[..., 0] if flat else out
 
 
+class RestorationCache:
+    """What a restorer already computed, by the input's pixels: the routing of an image and its restoration
+    by each prefix of adapter steps. For stages that restore the same images under many settings
+    (``evaluate``, ``select_restoration``): variants that reach the same steps — the oracle and every routed
+    variant of a correctly routed single, a sequential mix's first step and top-1 — then cost one network
+    pass, with the same result. Beyond ``max_bytes`` the least recently used entries go. Entries are keyed by
+    the restorer's models, tiling and engine too, so restorers of other models never share one."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def digest(x: torch.Tensor) -> str:
+        """The identity of an input tensor: its shape, dtype and pixels."""
+        data = x.detach().cpu().contiguous()
+        return f"{tuple(data.shape)}:{data.dtype}:" + hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """The value stored under ``key``, or ``compute()``'s, stored (a tensor or a dataclass of tensors)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key][0]
+        self.misses += 1
+        value = compute()
+        tensors = [value] if isinstance(value, torch.Tensor) else [v for v in value.__dict__.values() if isinstance(v, torch.Tensor)]
+        size = sum(t.nelement() * t.element_size() for t in tensors)
+        self._entries[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and self._entries:
+            self._bytes -= self._entries.popitem(last=False)[1][1]
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class UniversalRestorer:
     """Restore images with the router's choice of LoRAs (``settings``), or a forced adapter mix.
 
@@ -254,11 +298,13 @@ class UniversalRestorer:
         engine: ``torch``, ``onnxruntime`` or ``openvino`` (the network exported to ONNX with the mix merged
             in, run by that runtime on the CPU; the router stays in PyTorch).
         precision: ``fp32``; ``int8`` (onnxruntime) or ``bf16`` (openvino): faster, at a measured PSNR cost.
+        cache: reuse routings and restorations of images seen before (shared by ``with_settings`` variants).
     """
 
     def __init__(self, composition: AdapterComposition, router: DegradationRouter | None = None,
                  settings: RestorationSettings | None = None, tile: int = 256, overlap: int = 32,
-                 batch_size: int = 4, device: str = "cpu", engine: str = "torch", precision: str = "fp32"):
+                 batch_size: int = 4, device: str = "cpu", engine: str = "torch", precision: str = "fp32",
+                 cache: RestorationCache | None = None):
         if router is not None:
             router.check_adapters(composition.names)
         self.multiple = 2 ** (len(composition.model.get_base_model().config.block_out_channels) - 1)
@@ -274,6 +320,7 @@ class UniversalRestorer:
         check_engine(engine, precision, device)
         self.engine, self.precision = engine, precision
         self._onnx = None
+        self.cache = cache
 
     @classmethod
     def from_pretrained(cls, models: str | Path = "models", router: bool = True,
@@ -316,7 +363,7 @@ class UniversalRestorer:
     def _analyse(self, x: torch.Tensor) -> Analysis:
         if self.router is None:
             raise ValueError("no router loaded: force an adapter (--lora / --mix, or weights=...)")
-        routing = self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device))
+        routing = self._cached(("routing", self.router), x, lambda: self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device)))
         settings = self.settings
         threshold = self.router.config.mix_threshold if settings.mix_threshold is None else settings.mix_threshold
         weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold, routing.presence)[0]
@@ -359,11 +406,21 @@ class UniversalRestorer:
     def restore_tensor(self, x: torch.Tensor, steps: list[dict[str, float]],
                        on_tile: Callable[[int], None] | None = None) -> torch.Tensor:
         """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another."""
+        context = ("restoration", self.composition, self.tile, self.overlap, self.batch_size, self.engine, self.precision)
+        source, done = x, ()
         for mix in steps:
             vector = self.composition.weights_for(mix).to(self.device)
-            x = restore_tiled(lambda y: self._network(y, vector), x, self.multiple, self.tile,
-                              self.overlap, self.batch_size, self.device, on_tile)
+            done += (tuple(sorted(mix.items())),)
+            x = self._cached((*context, done), source, lambda x=x: restore_tiled(
+                lambda y: self._network(y, vector), x, self.multiple, self.tile, self.overlap, self.batch_size,
+                self.device, on_tile))
         return x
+
+    def _cached(self, key: tuple, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for the input ``x``, through the cache when there is one."""
+        if self.cache is None:
+            return compute()
+        return self.cache.get((*key, RestorationCache.digest(x)), compute)
 
     def _network(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         if self.engine == "torch":

@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.evaluation.selection import choose, choose_plans, load_sets
     from pipeline.files import write_json
-    from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings, UniversalRestorer
+    from pipeline.models.restorer import SETTINGS_FILE, RestorationCache, RestorationSettings, UniversalRestorer
     from pipeline.training.trainer import configure_threads
 
     configure_threads(params.trainer)
     torch.set_grad_enabled(False)
     base = RestorationSettings.from_params(params.restoration)
     candidates = OmegaConf.to_container(params.restoration.candidates) if params.restoration.choose_on_validation else [{}]
-    restorer = UniversalRestorer.from_pretrained(args.models, settings=base)
+    restorer = UniversalRestorer.from_pretrained(args.models, settings=base, cache=RestorationCache())  # candidates share restorations
     sets = load_sets(args.data, args.mixed, list(params.degradations), params.mixed, "val")
     plans, plan_rows = choose_plans(restorer, sets)
     for row in plan_rows:
