@@ -16,6 +16,7 @@ from pipeline.models.backbone import OneStepReadout, build_scheduler, build_unet
 from pipeline.training.backbone import BackboneDDPM
 from pipeline.training.restoration import OneStepRestoration
 
+from .conftest import ROOT
 from .wandb_records import run_contents
 
 
@@ -140,6 +141,28 @@ def test_train_lora_stage_logs_a_real_offline_wandb_run(tiny_project, monkeypatc
     assert any(p.name.endswith(".wandb") for p in Path(pointer["dir"]).iterdir())
     assert Path("models/loras/noise/adapter_model.safetensors").is_file()
     assert Path("reports/backbone_samples.png").is_file()
+
+
+def test_validating_a_pretrained_backbone_writes_every_output_the_stage_declares(tiny_project, tmp_path, monkeypatch):
+    """The default profile validates the shipped backbone instead of training one; a fresh clone's `dvc repro`
+    then failed because the stage left its declared checkpoints folder unwritten."""
+    import shutil
+
+    import yaml
+
+    from pipeline.config import compose_params
+    from pipeline.stages import pretrain_backbone
+
+    shutil.copytree(tiny_project / "data" / "clean", tmp_path / "data" / "clean")
+    smoke = load_params(tiny_project / "params.yaml")
+    save_backbone(tmp_path / "shipped", build_unet(smoke.backbone.architecture), build_scheduler(smoke.backbone.schedule))
+    compose_params(tmp_path / "params.yaml", ROOT / "conf", ["profile=smoke", "logger.mode=disabled",
+                                                             f"backbone.pretrained={tmp_path / 'shipped'}"])
+    monkeypatch.chdir(tmp_path)
+    pretrain_backbone.main([])
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["pretrain_backbone"]["outs"]
+    declared = [next(iter(o)) if isinstance(o, dict) else o for o in outs]
+    assert [path for path in declared if not Path(path).exists()] == []
 
 
 def _resumable_run(kind, tiny_project, params, checkpoint_dir, stop_at, total=10):
