@@ -117,6 +117,45 @@ def test_composition_leaves_no_state_behind(composition):
     assert not any(p.requires_grad for p in composition.parameters())
 
 
+@pytest.mark.parametrize("weights", [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.5, 0.3]])
+def test_kept_merged_weights_give_the_same_bits_as_merging_each_time(folders, composition, weights):
+    uncached = AdapterComposition.from_pretrained(folders / "backbone", {n: folders / n for n in NAMES})
+    uncached.merged_cache_bytes = 0
+    x, t = _inputs()
+    weights = torch.tensor(weights)
+    with torch.no_grad():
+        first = composition.epsilon(x, t, weights)
+        composition.epsilon(x, t, torch.tensor([0.0, 1.0, 0.0]))
+        again = composition.epsilon(x, t, weights)
+        assert len(composition._merged) > 0 and len(uncached._merged) == 0
+        assert torch.equal(first, again) and torch.equal(first, uncached.epsilon(x, t, weights))
+
+
+def test_merged_weights_kept_are_bounded_and_dropped_on_a_move(composition):
+    x, t = _inputs()
+    with torch.no_grad():
+        composition.epsilon(x, t, torch.tensor([1.0, 0.0, 0.0]))
+        one_mix = composition._merged_size
+        composition.merged_cache_bytes = one_mix
+        composition.epsilon(x, t, torch.tensor([0.0, 1.0, 0.0]))
+        assert composition._merged_size <= one_mix
+        composition.to(torch.float64)
+        assert len(composition._merged) == 0
+        assert composition.epsilon(x.double(), t, torch.tensor([1.0, 0.0, 0.0])).dtype == torch.float64
+
+
+def test_per_sample_and_learnt_mixes_are_not_kept(composition):
+    x, t = _inputs()
+    learnt = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+    composition.epsilon(x, t, learnt).sum().backward()
+    assert learnt.grad is not None and learnt.grad[:2].abs().sum() > 0
+    with torch.no_grad():
+        composition.epsilon(x, t, torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]))
+    assert len(composition._merged) == 0
+    with pytest.raises(ValueError, match="merged_cache_bytes"):
+        AdapterComposition(composition.model, NAMES, [1, 2, 3], composition.readout, merged_cache_bytes=-1)
+
+
 def test_timestep_is_the_weight_average_of_the_adapters_t_star(composition):
     weights = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0.2, 0.0, 0.6]])
     assert composition.timesteps(weights, torch.zeros(len(weights), 3, 8, 8)).tolist() == [200, 160, 240, 350]

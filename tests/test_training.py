@@ -69,6 +69,28 @@ def test_restoration_fast_dev_run(tiny_project, backbone, kind):
     assert module.best_state is not None and module.load_best()["val/psnr"] == pytest.approx(float(metrics["val/psnr"]))
 
 
+def test_input_metrics_are_measured_once_and_logged_at_every_validation(tiny_project, backbone, monkeypatch):
+    unet, scheduler = backbone
+    roots = [tiny_project / "data/degraded/noise", tiny_project / "data/degraded/jpeg"]
+    network = attach_lora(unet.requires_grad_(False), lora_config({"rank": 4, "alpha": 4, "targets": ["conv1", "conv2"]}))
+    module = _restoration(network, scheduler, ("noise", "jpeg"), (200, 120))
+    logged, updates = [], []
+    monkeypatch.setattr(module, "log_dict", lambda values, **kw: logged.append(dict(values)))
+    input_psnr = module.val_metrics["input_noise"]["psnr"]
+    monkeypatch.setattr(input_psnr, "update", lambda *a, u=input_psnr.update: (updates.append(1), u(*a)))
+    datamodule = RestorationDataModule(roots, batch_size=4, seed=0)
+    trainer = _trainer(max_steps=6, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert len(logged) == 3 and all(entry["val/input_psnr"] == logged[0]["val/input_psnr"] for entry in logged)
+    assert len({entry["val/psnr"] for entry in logged}) > 1  # the restored ones are measured every time
+    val_batches = len(datamodule.val_dataloader())
+    assert len(updates) == sum(1 for b in datamodule.val_dataloader() if (b["task"] == 0).any()) <= val_batches
+    noise = datamodule.val_set.datasets[0]
+    expected = torch.stack([-10 * torch.log10(((((lq + 1) / 2).clamp(0, 1) - ((gt + 1) / 2).clamp(0, 1)) ** 2).mean())
+                            for lq, gt in zip(noise.lq, noise.gt)]).mean()
+    assert logged[-1]["val/input_psnr/noise"] == pytest.approx(float(expected), abs=1e-4)
+
+
 def test_lora_training_leaves_the_backbone_bit_identical_and_only_lora_gets_gradients(tiny_project, backbone):
     unet, scheduler = backbone
     frozen = {n: p.detach().clone() for n, p in unet.named_parameters()}

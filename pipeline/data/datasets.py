@@ -97,6 +97,8 @@ class RestorationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):  # set up already (by the caller, before Lightning's own call)
+            return
         self.train_set = ConcatDataset([PairedDataset(r / "train", i) for i, r in enumerate(self.roots)])
         self.val_set = ConcatDataset([PairedDataset(r / "val", i) for i, r in enumerate(self.roots)])
 

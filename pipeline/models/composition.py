@@ -7,13 +7,15 @@ is replaced by one that composes the weights first — ``W_b = W + Σ_i w[b, i] 
 convolution or matmul: for every sample alike when all rows
 of the weights agree, else one grouped convolution (``groups = batch``) over per-sample kernels. The
 result is PEFT's own computation up to float rounding, at the cost of the bare backbone whatever the
-number of adapters composed.
+number of adapters composed. The merged weights of a mix shared by the whole batch are kept (least recently
+used beyond ``merged_cache_bytes``): restoring many images or tiles with one mix merges it once.
 """
 
 from __future__ import annotations
 
 import math
 import types
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,8 +32,10 @@ class AdapterComposition(torch.nn.Module):
     """A ``PeftModel`` holding N named adapters, each with its one-step timestep ``t*``."""
 
     def __init__(self, model: PeftModel, names: Sequence[str], t_star: Sequence[int], readout: OneStepReadout,
-                 timestep_rules: Sequence[str] | None = None):
+                 timestep_rules: Sequence[str] | None = None, merged_cache_bytes: int = 256 << 20):
         super().__init__()
+        if merged_cache_bytes < 0:
+            raise ValueError(f"merged_cache_bytes must be >= 0, got {merged_cache_bytes}")
         missing = [n for n in names if n not in model.peft_config]
         if missing:
             raise ValueError(f"adapters {missing} are not loaded in the model")
@@ -45,6 +49,11 @@ class AdapterComposition(torch.nn.Module):
         if unsupported:
             raise ValueError(f"composition supports LoRA on Conv2d and Linear layers, not {unsupported}")
         self._weights: torch.Tensor | None = None
+        self._used: list[int] = []
+        self._mix_key: tuple[float, ...] | None = None
+        self.merged_cache_bytes = merged_cache_bytes
+        self._merged: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._merged_size = 0
         for layer in self.layers:
             layer.forward = types.MethodType(self._composed_forward(), layer)
         model.requires_grad_(False).eval()
@@ -79,13 +88,34 @@ class AdapterComposition(torch.nn.Module):
             if weights is None:
                 return type(layer).forward(layer, x, *args, **kwargs)
             base = layer.get_base_layer()
-            used = [i for i, name in enumerate(composition.names) if name in layer.lora_A and bool(weights[..., i].any())]
+            used = [i for i in composition._used if composition.names[i] in layer.lora_A]
             if not used:
                 return base(x)
-            weight = merged_weight(layer, [composition.names[i] for i in used], weights[..., used])
+            if composition._mix_key is None:
+                return apply_weight(base, x, merged_weight(layer, [composition.names[i] for i in used], weights[..., used]))
+            key = (id(layer), composition._mix_key)
+            weight = composition._merged.get(key)
+            if weight is None:
+                weight = merged_weight(layer, [composition.names[i] for i in used], weights[used])
+                composition._keep_merged(key, weight)
+            else:
+                composition._merged.move_to_end(key)
             return apply_weight(base, x, weight)
 
         return forward
+
+    def _keep_merged(self, key: tuple, weight: torch.Tensor) -> None:
+        self._merged[key] = weight
+        self._merged_size += weight.nelement() * weight.element_size()
+        while self._merged_size > self.merged_cache_bytes and self._merged:
+            evicted = self._merged.popitem(last=False)[1]
+            self._merged_size -= evicted.nelement() * evicted.element_size()
+
+    def _apply(self, fn, *args, **kwargs):
+        # a move or cast makes the kept merged weights stale
+        self._merged.clear()
+        self._merged_size = 0
+        return super()._apply(fn, *args, **kwargs)
 
     def epsilon(self, x_t: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The composed UNet's noise prediction ε̂; ``weights`` is (B, N), or (N,) for every sample alike."""
@@ -93,10 +123,13 @@ class AdapterComposition(torch.nn.Module):
         if weights.ndim == 2 and bool((weights == weights[:1]).all()):
             weights = weights[0]
         self._weights = weights.to(x_t.device)
+        self._used = [i for i, used in enumerate(weights.reshape(-1, len(self.names)).any(dim=0).tolist()) if used]
+        # a mix the whole batch shares, not a learnt one: its merged weights can be kept
+        self._mix_key = tuple(weights.tolist()) if weights.ndim == 1 and not weights.requires_grad else None
         try:
             return self.model(x_t, timesteps).sample
         finally:
-            self._weights = None
+            self._weights, self._used, self._mix_key = None, [], None
 
     def timesteps(self, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample timesteps: the weight-averaged timesteps of the composed adapters (rounded), each

@@ -59,6 +59,8 @@ class OneStepRestoration(L.LightningModule):
         self.best_psnr = float("-inf")
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_metrics: dict[str, float] = {}
+        # The degraded inputs' metrics: the validation set is the same every epoch, so they are measured once.
+        self.input_metrics: dict[tuple[str, str, str], float] | None = None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().cpu() for n, p in self.network.named_parameters() if p.requires_grad}
@@ -86,7 +88,8 @@ class OneStepRestoration(L.LightningModule):
         for index, task in enumerate(self.tasks):
             mask = batch["task"] == index
             if mask.any():
-                for kind, image in (("restored", restored), ("input", batch["lq"])):
+                measured = (("restored", restored),) if self.input_metrics else (("restored", restored), ("input", batch["lq"]))
+                for kind, image in measured:
                     for metric in self.val_metrics[f"{kind}_{task}"].values():
                         metric.update(as01(image[mask]), as01(batch["gt"][mask]))
         if batch_idx == 0:
@@ -111,6 +114,10 @@ class OneStepRestoration(L.LightningModule):
                     metric.reset()
         if not values:
             return
+        if self.input_metrics:
+            values.update(self.input_metrics)
+        elif not self.trainer.sanity_checking:  # the sanity check sees a few batches only
+            self.input_metrics = {key: v for key, v in values.items() if key[0] == "input"}
         logged = {}
         for kind, prefix in (("restored", "val/"), ("input", "val/input_")):
             for name in ("psnr", "ssim"):
