@@ -239,8 +239,7 @@ def test_a_baseline_is_added_by_touching_two_files(smoke_repo):
         "cmd": "python -m pipeline.stages.train_multitask --name multitask_slow --data data/degraded --backbone models/backbone",
         "params": ["seed", "degradations", "lora.train.max_steps", "baselines.multitask_slow", "trainer"],
         "outs": ["models/baselines/multitask_slow", {"reports/train_multitask_slow.json": {"cache": False}},
-                 {"reports/wandb/train_multitask_slow.json": {"cache": False}},
-                 {"checkpoints/train_multitask_slow": {"persist": True}}],
+                 {"reports/wandb/train_multitask_slow.json": {"cache": False}}],
     }
     dvc_file.write_text(yaml.safe_dump(stages, sort_keys=False))
     try:
@@ -290,9 +289,12 @@ def test_retrain_pushes_to_a_remote_and_a_fresh_clone_pulls_up_to_date(smoke_rep
     assert (clone / "models/router/model.safetensors").is_file()
 
 
-def test_a_killed_training_stage_resumes_at_the_next_repro(smoke_repo):
-    """SIGKILL `dvc repro` (and its stage) once a checkpoint exists; the next `dvc repro` resumes from that
-    checkpoint and ends with the uninterrupted run's adapter, byte for byte."""
+@pytest.mark.parametrize("resume", ["repro", "exp run"])
+def test_a_killed_training_stage_resumes_at_the_next_run(smoke_repo, resume):
+    """SIGKILL `dvc repro` (and its stage) once a checkpoint exists; the next `dvc repro` or `dvc exp run`
+    resumes from that checkpoint and ends with the uninterrupted run's adapter, byte for byte. `dvc exp run`
+    force-checks-out the outputs of what it runs: a checkpoint folder declared as an output (even
+    `persist`) was wiped by it, and a 2-hour run restarted from step 0."""
     repo, env = smoke_repo
     params_file = repo / "params.yaml"
     original = params_file.read_text()
@@ -320,8 +322,13 @@ def test_a_killed_training_stage_resumes_at_the_next_repro(smoke_repo):
         assert not adapter.exists(), "no output of the killed run exists, complete or partial"
         assert not list(adapter.parent.glob(".noise.*")), "no temporary folder is left behind"
 
-        out = _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env).stdout
-        assert f"resuming from checkpoints/train_lora/noise/last.ckpt" in out
+        if resume == "repro":
+            out = _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env).stdout
+        else:  # DVC composes conf/ afresh for an experiment: the same params, given as overrides
+            out = _dvc("exp", "run", "--single-item", "train_lora@noise", "-S", "profile=smoke",
+                       "-S", "lora.train.max_steps=120", "-S", "lora.train.val_every=8", cwd=repo, env=env).stdout
+        assert f"resuming from checkpoints/train_lora/noise/last.ckpt at step {step}" in out, \
+            "it resumes where the killed run stopped, not from a checked-out checkpoint"
         assert (adapter / "adapter_model.safetensors").read_bytes() == reference[0]
         assert metrics.read_text() == reference[1]
     finally:

@@ -213,15 +213,17 @@ def _resumable_run(kind, tiny_project, params, checkpoint_dir, stop_at, total=10
 
 
 @pytest.mark.parametrize("kind", ["backbone", "lora"])
-def test_a_resumed_run_ends_with_the_uninterrupted_weights(tiny_project, params, tmp_path, kind):
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(tiny_project, params, tmp_path, kind, capsys):
     """Checkpoints after every validation; a run stopped at step 5 (mid-epoch: 3 or 5 batches per epoch)
     resumes from step 4 and ends bit-identical to an uninterrupted run, best-on-val bookkeeping included."""
     whole, _ = _resumable_run(kind, tiny_project, params, tmp_path / "whole", stop_at=10)
     _resumable_run(kind, tiny_project, params, tmp_path / "resumed", stop_at=5)
     saved = torch.load(tmp_path / "resumed/last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
+    capsys.readouterr()
     resumed, ckpt = _resumable_run(kind, tiny_project, params, tmp_path / "resumed", stop_at=10)
     assert ckpt == tmp_path / "resumed/last.ckpt"
+    assert f"resuming from {ckpt} at step 4" in capsys.readouterr().out
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     if kind == "lora":

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.pretrained:
         module.ema.module.load_state_dict(unet.state_dict())
         trainer.validate(module, datamodule=datamodule)
-        Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a declared output, with nothing to resume
     else:
         fit(trainer, module, train.val_every, resume_checkpoint(args.checkpoints, params, [args.clean]),
             datamodule=datamodule)

@@ -1,11 +1,12 @@
 """The Lightning ``Trainer`` from params, and resumable training.
 
 Accelerator, devices, strategy, precision are configuration, so DDP, multi-GPU and multi-node runs need
-no code change. Each stage checkpoints into its own folder (a DVC ``persist`` output) after every
-validation; a stage killed mid-training resumes from its last checkpoint on the next run, provided
-the params and inputs it was started with are unchanged (``fingerprint.json``). Batches are a pure
-function of the step (``ResumableBatchSampler``) and the checkpoint carries the global RNG state, so
-a resumed run continues exactly as an uninterrupted one would.
+no code change. Each stage checkpoints into its own folder after every validation; the folder is not
+a DVC output, because ``dvc exp run`` force-checks-out a stage's outputs, persist ones included, before
+it runs it. A stage killed mid-training resumes from its last checkpoint on the next ``dvc repro`` or
+``dvc exp run``, provided the params and inputs it was started with are unchanged
+(``fingerprint.json``). Batches are a pure function of the step (``ResumableBatchSampler``) and the
+checkpoint carries the global RNG state, so a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, val_every: int, ckpt_path
     """``trainer.fit`` (resumed from ``ckpt_path`` if given), plus a last validation when ``max_steps`` is
     not a multiple of ``val_every`` or when the run resumed at its end (so final metrics always exist)."""
     if ckpt_path is not None:
-        print(f"resuming from {ckpt_path}")
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        print(f"resuming from {ckpt_path} at step {step}")
     trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, datamodule=datamodule,
                 ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if trainer.max_steps % val_every or not any(k.startswith("val/") for k in trainer.callback_metrics):
