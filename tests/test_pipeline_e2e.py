@@ -298,9 +298,10 @@ def test_a_killed_training_stage_resumes_at_the_next_run(smoke_repo, resume):
     repo, env = smoke_repo
     params_file = repo / "params.yaml"
     original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["lora"]["train"].update(max_steps=120, val_every=8)  # long enough to be killed mid-training
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    # Long enough to be killed mid-training. Composed as `dvc exp run` composes it, so that both resumes see
+    # the killed run's params (an earlier test may have left other params in the workspace).
+    overrides = ["profile=smoke", "lora.train.max_steps=120", "lora.train.val_every=8"]
+    _run([sys.executable, "-m", "pipeline.config", *overrides], repo, env)
     checkpoints, adapter = repo / "checkpoints/train_lora/noise", repo / "models/loras/noise"
     metrics = repo / "reports/train_lora/noise.json"
     try:
@@ -325,8 +326,8 @@ def test_a_killed_training_stage_resumes_at_the_next_run(smoke_repo, resume):
         if resume == "repro":
             out = _dvc("repro", "--single-item", "train_lora@noise", cwd=repo, env=env).stdout
         else:  # DVC composes conf/ afresh for an experiment: the same params, given as overrides
-            out = _dvc("exp", "run", "--single-item", "train_lora@noise", "-S", "profile=smoke",
-                       "-S", "lora.train.max_steps=120", "-S", "lora.train.val_every=8", cwd=repo, env=env).stdout
+            out = _dvc("exp", "run", "--single-item", "train_lora@noise",
+                       *[a for o in overrides for a in ("-S", o)], cwd=repo, env=env).stdout
         assert f"resuming from checkpoints/train_lora/noise/last.ckpt at step {step}" in out, \
             "it resumes where the killed run stopped, not from a checked-out checkpoint"
         assert (adapter / "adapter_model.safetensors").read_bytes() == reference[0]
