@@ -315,6 +315,17 @@ def test_the_cache_reuses_steps_and_keeps_images_and_tilings_apart(tiny_models):
     assert cache.misses == misses + 2
 
 
+def test_methods_timed_apart_restore_as_the_shared_ones_and_pay_their_own_network_passes(tiny_models):
+    from pipeline.evaluation.methods import load_methods
+
+    (shared, shared_restorer), (apart, apart_restorer) = (load_methods(tiny_models, share_restorations=s) for s in (True, False))
+    assert shared_restorer.cache is not None and apart_restorer.cache is None
+    image = rgb(40, 56, seed=7)
+    for a, b in zip(shared, apart):
+        assert a.name == b.name and np.array_equal(a.restore(image, "noise"), b.restore(image, "noise"))
+    assert shared_restorer.cache.hits > 0  # the oracles' restorations served the routed variants
+
+
 def test_the_cache_drops_the_least_recently_used_beyond_its_size():
     value = lambda v: (lambda: torch.full((3, 8, 8), float(v)))  # noqa: E731 -- 768 bytes each
     cache = RestorationCache(max_bytes=2 * 768)

@@ -65,13 +65,15 @@ def baseline_method(folder: ModelsFolder, name: str, multiple: int, device: str 
     return Method(name, settings.get("label", name), restore)
 
 
-def load_methods(models: str | Path, settings: RestorationSettings | None = None,
-                 device: str = "cpu") -> tuple[list[Method], UniversalRestorer]:
+def load_methods(models: str | Path, settings: RestorationSettings | None = None, device: str = "cpu",
+                 share_restorations: bool = True) -> tuple[list[Method], UniversalRestorer]:
     """Every compared method, in report order, and the UIR-LoRA restorer they share (``settings``: default
-    the models folder's, as ``uir restore`` uses them) with one ``RestorationCache``: the variants restore each
-    set of adapter steps an image gets once."""
+    the models folder's, as ``uir restore`` uses them). ``share_restorations``: with one ``RestorationCache``,
+    so the variants restore each set of adapter steps an image gets once (same outputs); without, for timing
+    each method by its own network passes."""
     folder = ModelsFolder(models)
-    restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device, cache=RestorationCache())
+    restorer = UniversalRestorer.from_pretrained(folder.root, settings=settings, device=device,
+                                                 cache=RestorationCache() if share_restorations else None)
     shipped = restorer.settings
     variants = {
         "uir_lora_top1": ("UIR-LoRA, top-1 routing", restorer.with_settings(policy="top1")),
