@@ -164,6 +164,7 @@ class RouterTrain(Optimisation):
 
 
 class Router(Strict):
+    pretrained: Optional[str]  # a router folder (save_pretrained layout) to use instead of training one
     prototypes: Literal["learned", "text"]
     clean_output: Literal["prototype", "presence"]
     embed_dim: int = PositiveInt
