@@ -325,12 +325,19 @@ def ship_main(args: argparse.Namespace) -> int:
                          f"the shipped backbone (backbone.pretrained: {target.backbone})")
     reports = Path(args.reports)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    for part in ["router", *(f"loras/{n}" for n in names)]:
+    parts = [f"loras/{n}" for n in names]
+    router_files = ("config.json", "model.safetensors")
+    pretrained = all((target.root / "router" / f).is_file() and
+                     (target.root / "router" / f).read_bytes() == (source.root / "router" / f).read_bytes() for f in router_files)
+    if not pretrained:  # a router the `dvc repro` trained; the shipped one it validated stays as it is, with its card
+        parts.insert(0, "router")
+    for part in parts:
         with atomic_dir(target.root / part) as tmp:
             shutil.copytree(source.root / part, tmp, dirs_exist_ok=True)
     shutil.copyfile(source.root / SETTINGS_FILE, target.root / SETTINGS_FILE)
     (target.root / "README.md").write_text(set_card(target, names, reports, commit), encoding="utf-8")
-    print(f"shipped {', '.join(names)} and the router into {target.root} (trained at {commit or 'an unknown commit'})")
+    print(f"shipped {', '.join(names)}{'' if pretrained else ' and the router'} into {target.root} "
+          f"(trained at {commit or 'an unknown commit'}){'; the router there is the one it used' if pretrained else ''}")
     return 0
 
 
@@ -354,7 +361,7 @@ What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc r
 
 - `backbone/`: the frozen pre-trained DDPM UNet; its own card is `backbone/README.md`
 - `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule)
-- `router/`: the degradation-aware router (config.json + safetensors)
+- `router/`: the degradation-aware router (config.json + safetensors; its card, where it was pre-trained, is `router/README.md`)
 - `restoration.json`: the routing policy and composition chosen on validation data
 
 Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's backbone) at commit
@@ -366,7 +373,7 @@ Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's b
 |---|---|---|---|---|
 {adapters}
 
-## Router (validation)
+## Router (validation split of that run)
 
 {", ".join(f"{k} {v:.3f}" for k, v in router.items() if isinstance(v, float) and k.startswith("val/")) or "see reports/fit_router.json"}
 
@@ -382,7 +389,7 @@ Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's b
 
 ```bash
 git checkout {commit or '<commit>'}
-make repro          # dvc repro: trains the adapters and the router on the shipped backbone
+make repro          # dvc repro: trains the adapters on the shipped backbone (and validates the shipped router)
 .venv/bin/uir ship  # copies them here with this card
 ```
 """

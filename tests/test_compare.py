@@ -110,3 +110,21 @@ def test_the_results_table_over_seeds_reads_each_run_from_git(tmp_path, monkeypa
     assert "mean ± std over 2 seeds** (1, 2;" in text  # seed 3 differs in policy: not one of them
     assert f"| UIR-LoRA | {statistics.mean([22.0, 22.4]):.2f} ± {statistics.stdev([22.0, 22.4]):.2f} |" in text.replace("**UIR-LoRA** as shipped (the candidate chosen on validation, per seed)", "UIR-LoRA")
     assert "| multi-task | 21.00 ± 0.00 | 0.500 ± 0.000 |" in text and text.endswith(f"{END}\nrest\n") and "old" not in text
+
+
+def test_the_results_table_over_seeds_reads_each_run_from_its_file(tmp_path, monkeypatch):
+    """Runs given as SEED=FILE (the per-seed records in reports/seeds/) make the same table as experiments."""
+    from pipeline.evaluation.results import END, START
+    from pipeline.evaluation.results import main as results
+
+    monkeypatch.chdir(tmp_path)
+    for seed, uir in ((1, 22.0), (2, 22.4), (5, 23.0)):
+        (tmp_path / f"metrics_{seed}.json").write_text(json.dumps(_metrics(seed, uir)))
+    (tmp_path / "README.md").write_text(f"# x\n{START}\nold\n{END}\n")
+    results(["--params", str(ROOT / "params.yaml"), "--over-seeds", *(f"--run={s}=metrics_{s}.json" for s in (5, 1, 2))])
+    text = (tmp_path / "README.md").read_text()
+    assert "mean ± std over 3 seeds** (1, 2, 5;" in text
+    mean, std = statistics.mean([22.0, 22.4, 23.0]), statistics.stdev([22.0, 22.4, 23.0])
+    assert f"| {mean:.2f} ± {std:.2f} |" in text and "old" not in text
+    with pytest.raises(FileNotFoundError, match="metrics_9.json is missing"):
+        results(["--params", str(ROOT / "params.yaml"), "--over-seeds", "--run", "9=metrics_9.json"])

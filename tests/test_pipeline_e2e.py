@@ -144,7 +144,7 @@ def test_models_are_on_disk_in_their_formats(smoke_repo):
         assert {"adapter_config.json", "adapter_model.safetensors", "restoration.json"} <= {p.name for p in adapter.iterdir()}
     assert (repo / "models/baselines/multitask/diffusion_pytorch_model.safetensors").is_file()
     assert (repo / "models/baselines/shared_lora/adapter_model.safetensors").is_file()
-    assert {p.name for p in (repo / "models/router").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (repo / "models/router").iterdir()} == {"config.json", "model.safetensors", "README.md"}
     assert (repo / "reports/backbone_samples.png").is_file()
 
 

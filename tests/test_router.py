@@ -1,9 +1,13 @@
 """Router: top-K selection and renormalisation edge cases, similarity, unknown flag, clean class, save/load."""
 
+import json
+
 import pytest
 import torch
 
 from pipeline.models.router import DegradationRouter, RouterConfig, select_adapters
+
+from .conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -318,3 +322,57 @@ def test_clean_threshold_bounds_degraded_images_called_clean(monkeypatch, clean_
     assert threshold == pytest.approx(expected_threshold, abs=1e-6)
     assert rates["false_clean_rate"] <= 0.02
     assert rates["clean_detection_rate"] == pytest.approx(expected_detection)
+
+
+@pytest.fixture()
+def router_project(tiny_project, tmp_path):
+    """A working folder whose degradations are the two ``tiny_project`` synthesized (noise, jpeg)."""
+    import shutil
+
+    from pipeline.config import compose_params
+
+    shutil.copytree(tiny_project / "data", tmp_path / "data")
+    overrides = ["profile=smoke", "logger.mode=disabled", "prepare.embedded=[astronaut,coffee,chelsea,rocket]",
+                 "mixed=[[noise,jpeg]]"] + [f"~degradations.{d}" for d in ("blur", "lowlight", "haze", "rain")]
+    compose_params(tmp_path / "params.yaml", ROOT / "conf", overrides)
+    return tmp_path, overrides
+
+
+def test_fit_router_writes_a_card_and_a_pretrained_router_is_validated_not_retrained(router_project, monkeypatch):
+    import yaml
+
+    from pipeline.config import compose_params
+    from pipeline.models.router import DegradationRouter
+    from pipeline.stages import fit_router
+
+    root, overrides = router_project
+    monkeypatch.chdir(root)
+    fit_router.main(["--out", "trained"])
+    trained = DegradationRouter.from_pretrained("trained")
+    card = (root / "trained/README.md").read_text()
+    assert "SHA-256 over the images' names" in card and "noise, jpeg" in card and "steps: 4" in card
+
+    compose_params(root / "params.yaml", ROOT / "conf", [*overrides, f"router.pretrained={root / 'trained'}"])
+    fit_router.main(["--out", "models/router"])
+    used = DegradationRouter.from_pretrained("models/router")
+    assert used.config == trained.config, "the pretrained router's thresholds are kept"
+    assert all(torch.equal(a, b) for a, b in zip(used.state_dict().values(), trained.state_dict().values()))
+    assert (root / "models/router/README.md").read_text().startswith(card.rstrip())
+    assert "Validated again" in (root / "models/router/README.md").read_text()
+    metrics = json.loads((root / "reports/fit_router.json").read_text())
+    assert metrics["mix_threshold"] == trained.config.mix_threshold
+    assert {"val/top1_accuracy", "false_mix_rate", "mix_detection_rate", "false_clean_rate"} <= set(metrics)
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fit_router"]["outs"]
+    assert [p for p in (next(iter(o)) if isinstance(o, dict) else o for o in outs) if not (root / p).exists()] == []
+
+
+def test_a_pretrained_router_for_other_degradations_is_refused(router_project, tiny_models, monkeypatch):
+    from pipeline.config import compose_params
+    from pipeline.stages import fit_router
+
+    root, overrides = router_project
+    compose_params(root / "params.yaml", ROOT / "conf", [*overrides, f"router.pretrained={tiny_models / 'router'}"])
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit, match=r"routes to \['noise', 'blur'\], but the degradations are \['noise', 'jpeg'\]"):
+        fit_router.main([])
+    assert not (root / "models/router").exists()

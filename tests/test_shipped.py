@@ -48,6 +48,20 @@ def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp
     assert code == 0 and set(json.loads(out)["adapters"]) == {"noise", "blur"}
 
 
+def test_uir_ship_keeps_the_shipped_router_and_its_card_when_the_run_used_it(tmp_path, tiny_models, capsys):
+    target, trained = tmp_path / "shipped", tmp_path / "models"
+    shutil.copytree(tiny_models, trained)
+    (trained / "restoration.json").write_text(json.dumps({"policy": "gated"}))
+    shutil.copytree(tiny_models / "backbone", target / "backbone")
+    shutil.copytree(tiny_models / "router", target / "router")
+    (target / "router" / "README.md").write_text("# the router's own card\n")
+    (trained / "router" / "README.md").write_text("# the router's own card\n\n## Validated again: here\n")
+    code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(tmp_path)], capsys)
+    assert code == 0 and "the router there is the one it used" in out
+    assert (target / "router" / "README.md").read_text() == "# the router's own card\n"
+    assert (target / "loras" / "noise" / "adapter_model.safetensors").is_file()
+
+
 def test_uir_ship_refuses_adapters_trained_on_another_backbone(tmp_path, tiny_models, capsys):
     import torch
 
@@ -84,7 +98,24 @@ def test_a_trained_backbone_carries_its_model_card(tmp_path):
     for needle in ("0.62 M parameters", digest["sha256"], "steps: 800", "3.0 min", "`abc123`", "| psnr_sigma25 | 28.32 |",
                    "python -m x", "block_out_channels"):
         assert needle in card
-    assert "| psnr_sigma25 | 28.40 |" in append_validation(card, {"val/psnr_sigma25": 28.4}, "here")
+    assert "| val/psnr_sigma25 | 28.40 |" in append_validation(card, {"val/psnr_sigma25": 28.4}, "here")
+
+
+def test_a_trained_router_carries_its_model_card():
+    from pipeline.models.card import append_validation, router_card
+
+    digest = {"split": "train", "images": 324, "megapixels": 50.0, "sources": {"/data/CBSD432": 324}, "sha256": "f" * 64}
+    train = {"batch_size": 32, "lr": 0.002, "weight_decay": 1e-4, "warmup_steps": 30, "mixed_patches": 12288}
+    card = router_card({"names": ["noise", "jpeg"], "width": 16, "mix_threshold": 0.42}, train, 72694, 24000, 1800.0,
+                       {"val/top1_accuracy": 0.9712, "false_mix_rate": 0.0104, "parameters": 72694}, digest,
+                       {"run_id": "r1", "project": "p", "mode": "offline"}, "dvc exp run fit_router -S profile=x")
+    for needle in ("72.7 k parameters", "`noise, jpeg`", "f" * 64, "/data/CBSD432`: 324", "steps: 24000", "30.0 min",
+                   "`r1`", "| val/top1_accuracy | 0.971 |", "| false_mix_rate | 0.010 |", '"mix_threshold": 0.42',
+                   "dvc exp run fit_router -S profile=x"):
+        assert needle in card
+    assert "| parameters |" not in card
+    again = append_validation(card, {"val/top1_accuracy": 0.9, "false_mix_rate": 0.05, "threshold": 0.3}, "here", digits=3)
+    assert again.startswith(card.rstrip()) and "| val/top1_accuracy | 0.900 |" in again and "| false_mix_rate | 0.050 |" in again
 
 
 @pytest.mark.skipif(not (SHIPPED / "router" / "config.json").is_file(), reason="no shipped models in this checkout")

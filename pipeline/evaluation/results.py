@@ -1,10 +1,12 @@
 """Write the README's "Results" section from ``reports/metrics.json`` and copy one sample grid into
 ``docs/``: the numbers in the README are what the last ``dvc repro`` gave, never typed by hand. With
 ``--over-seeds``, the table is mean ± std over this commit and its experiments that differ from the
-workspace's params in ``seed`` alone (``make seeds``), each run's ``reports/metrics.json`` read from git.
+workspace's params in ``seed`` alone (``make seeds``), each run's ``reports/metrics.json`` read from git, or
+over the runs' ``metrics.json`` files given as ``--run SEED=FILE``.
 
     python -m pipeline.evaluation.results                (or: make results)
     python -m pipeline.evaluation.results --over-seeds   (the last step of make seeds)
+    python -m pipeline.evaluation.results --over-seeds --run 1=reports/seeds/metrics_seed1.json --run 2=...
 """
 
 from __future__ import annotations
@@ -153,12 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="with --over-seeds: read this `dvc exp show --json` output instead of running it")
     parser.add_argument("--rev", action="append", help="with --over-seeds: the experiments of this commit "
                         "(default: HEAD); repeat it for several")
+    parser.add_argument("--run", action="append", metavar="SEED=FILE", help="with --over-seeds: this seed's "
+                        "metrics.json instead of the experiments'; repeat it for each seed")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.over_seeds:
-        from pipeline.evaluation.compare import exp_show
+        if args.run:
+            runs = {int(seed): read_json(path, stage="evaluate") for seed, path in (r.split("=", 1) for r in args.run)}
+        else:
+            from pipeline.evaluation.compare import exp_show
 
-        runs = seed_runs(exp_show(args.json, args.rev), args.params)
+            runs = seed_runs(exp_show(args.json, args.rev), args.params)
         if len(runs) < 2:
             raise SystemExit(f"{len(runs)} run(s) with this workspace's params: run `make seeds` first")
         sample = Path("docs") / f"sample_{args.sample_set}.png"

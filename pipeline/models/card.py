@@ -43,6 +43,12 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def _data_section(data: Mapping[str, Any]) -> str:
+    return (f"{data['images']} images ({data['megapixels']} MP) of the `{data['split']}` split of a prepared clean folder; "
+            f"by source:\n{chr(10).join(f'- `{source}`: {count}' for source, count in sorted(data['sources'].items()))}\n\n"
+            f"SHA-256 over the images' names and PNG bytes (sorted by name): `{data['sha256']}`")
+
+
 def backbone_card(architecture: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int,
                   seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any],
                   command: str) -> str:
@@ -56,10 +62,7 @@ trained by the `pretrain_backbone` stage of uir-lora. Load it with `UNet2DModel.
 
 ## Training data
 
-{data['images']} images ({data['megapixels']} MP) of the `{data['split']}` split of a prepared clean folder; by source:
-{chr(10).join(f"- `{source}`: {count}" for source, count in sorted(data['sources'].items()))}
-
-SHA-256 over the images' names and PNG bytes (sorted by name): `{data['sha256']}`
+{_data_section(data)}
 
 ## Training
 
@@ -88,7 +91,53 @@ SHA-256 over the images' names and PNG bytes (sorted by name): `{data['sha256']}
 """
 
 
-def append_validation(card: str, metrics: Mapping[str, float], where: str) -> str:
+def router_card(config: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int, seconds: float,
+                metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any], command: str) -> str:
+    """The card of a degradation-aware router (``fit_router``)."""
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()) if k != "parameters")
+    return f"""# UIR-LoRA degradation-aware router: {parameters / 1e3:.1f} k parameters
+
+Scores how similar an image's degradation is to each of `{', '.join(config['names'])}` (and "clean"), with a
+presence read-out for mixes; trained by the `fit_router` stage of uir-lora. Load it with
+`DegradationRouter.from_pretrained` (this folder), or set `router.pretrained` to this folder; its degradations
+must be the pipeline's, in the same order.
+
+## Training data
+
+{_data_section(data)}
+
+Trained on the synthesized single-degradation patches of those images, random pairs of degradations and clean
+patches; the unknown, mix and clean thresholds were calibrated on the same folder's `val` split.
+
+## Training
+
+- steps: {steps} (batch {train['batch_size']}, AdamW lr {train['lr']}, weight decay {train['weight_decay']}, warm-up
+  {train['warmup_steps']}, cosine decay; {train['mixed_patches']} mixed patches)
+- wall time: {seconds / 60:.1f} min on {hardware()}
+- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+
+## Configuration
+
+```json
+{json.dumps(dict(config), indent=2)}
+```
+
+## Validation (the `val` split: `val/` as logged during training, the rest at the calibrated thresholds)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Reproduce
+
+```bash
+{command}
+```
+"""
+
+
+def append_validation(card: str, metrics: Mapping[str, float], where: str, digits: int = 2) -> str:
     """A card used by another run: the metrics that run measured, appended."""
-    rows = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    rows = "\n".join(f"| {k} | {v:.{digits}f} |" for k, v in sorted(metrics.items())
+                     if k.startswith("val/") or k.endswith("_rate"))
     return f"{card.rstrip()}\n\n## Validated again: {where}\n\n| metric | value |\n|---|---|\n{rows}\n"

@@ -225,10 +225,13 @@ class DegradationRouter(torch.nn.Module):
                        clean=clean_probability >= self.config.clean_threshold if self.config.clean
                        else torch.zeros_like(clean_probability, dtype=torch.bool))
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, card: str | None = None) -> None:
+        """Config and weights, and ``card`` as its README.md where given, written as one folder."""
         with atomic_dir(path) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "DegradationRouter":

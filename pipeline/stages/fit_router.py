@@ -4,8 +4,10 @@ Trained on the single-degradation training sets, plus (``router.train.mixed_patc
 pairs of degradations applied to clean training patches, labelled with both components, plus the clean
 patches themselves, labelled "clean", plus (``router.train.tone_patches`` > 0) singles and clean patches
 whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes).
-The unknown-degradation, mix and clean thresholds are calibrated on validation data. Writes ``<out>/`` (config.json +
-model.safetensors), validation metrics and the W&B pointer.
+The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``
+set, that router folder is validated instead (its degradations must be these, in this order) and kept with the
+thresholds it was calibrated with on its own validation photographs; this run's rates at them are reported.
+Writes ``<out>/`` (config.json + model.safetensors + README.md, its card), validation metrics and the W&B pointer.
 """
 
 from __future__ import annotations
@@ -29,18 +31,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = stage_params(args.params)
 
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
     from torch.utils.data import ConcatDataset
 
     from pipeline.data.datasets import D4Augmented, LabelledImages
     from pipeline.data.loaders import ShuffledD4Sampler, evaluation_loader, training_loader
     from pipeline.data.synthesis import ToneJitter
     from pipeline.files import write_json
+    from pipeline.models.card import append_validation, data_digest, router_card
     import pipeline.models.router as router_model
     import pipeline.training.router as router_training
     from pipeline.models.router import CLEAN_DESCRIPTION, DegradationRouter, RouterConfig, text_prototypes
-    from pipeline.tracking import finish, log_model_folder, make_logger
+    from pipeline.tracking import finish, log_model_folder, make_logger, wandb_mode
     from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_mix_threshold,
-                                          calibrate_threshold, clean_set, pairs, patch_set, with_clean_column)
+                                          calibrate_threshold, clean_rates, clean_set, mix_rates, pairs, patch_set,
+                                          with_clean_column)
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
     seed(params)
@@ -55,47 +64,73 @@ def main(argv: list[str] | None = None) -> None:
                   "toned": ([(n,) for n in names] + [()], cfg.train.tone_patches, "toned-patches", tone)},
         "val": {"mixes": (pairs(names), cfg.train.mixed_val_patches, "mixed-patches", None)}}
     parts = {}  # per split: singles, mixes, clean, tone-changed singles and clean (those drawn only if any)
-    for split, size in (("train", sizes.patch_size), ("val", sizes.eval_crop)):
+    for split, size in (("train", sizes.patch_size), ("val", sizes.eval_crop))[1 if cfg.pretrained else 0:]:
         made = {kind: patch_set(params, names, args.clean, split, combos, count, size, stream, jitter)
                 for kind, (combos, count, stream, jitter) in drawn[split].items()}
         parts[split] = {"singles": with_clean_column(LabelledImages.from_sets(roots, split)), "mixes": made["mixes"],
                         "clean": clean_set(roots[0], split, len(names) + 1), "toned": made.get("toned")}
         parts[split] = {kind: images for kind, images in parts[split].items() if images is not None}
 
-    prototypes = None
-    if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings
-        clean = [CLEAN_DESCRIPTION] if cfg.clean_output == "prototype" else []
-        prototypes = text_prototypes([params.degradations[n].description for n in names] + clean)
-    router = DegradationRouter(RouterConfig(
-        names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
-        temperature=cfg.temperature, prototypes=cfg.prototypes, clean=True, clean_output=cfg.clean_output),
-        prototypes=prototypes)
+    if cfg.pretrained:
+        router = DegradationRouter.from_pretrained(cfg.pretrained)
+        if router.names != names:
+            raise SystemExit(f"{STAGE}: router.pretrained {cfg.pretrained} routes to {router.names}, but the "
+                             f"degradations are {names}: set router.pretrained: null to train one for them")
+    else:
+        prototypes = None
+        if cfg.prototypes == "text":  # frozen: the router learns to map images onto the names' embeddings
+            clean = [CLEAN_DESCRIPTION] if cfg.clean_output == "prototype" else []
+            prototypes = text_prototypes([params.degradations[n].description for n in names] + clean)
+        router = DegradationRouter(RouterConfig(
+            names=names, embed_dim=prototypes.shape[1] if prototypes is not None else cfg.embed_dim, width=cfg.width,
+            temperature=cfg.temperature, prototypes=cfg.prototypes, clean=True, clean_output=cfg.clean_output),
+            prototypes=prototypes)
     module = RouterTraining(router, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
     logger = make_logger(params, STAGE, job_type=STAGE)
-    # The router's code is part of what a checkpoint was trained from: another router's state is not resumed.
-    code = [Path(router_model.__file__), Path(router_training.__file__)]
-    ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean, *code])
     trainer = build_trainer(params, cfg.train.max_steps, cfg.train.val_every, logger, args.checkpoints)
-    train_set = ConcatDataset(list(parts["train"].values()))
-    train_loader = training_loader(D4Augmented(train_set), ShuffledD4Sampler(len(train_set), cfg.train.batch_size,
-                                                                            params.seed), params.trainer.num_workers)
     val_loaders = [evaluation_loader(part, cfg.train.batch_size) for part in parts["val"].values()]  # two sizes
-    fit(trainer, module, cfg.train.val_every, ckpt_path, train_dataloaders=train_loader, val_dataloaders=val_loaders)
+    started = time.perf_counter()
+    if cfg.pretrained:
+        trainer.validate(module, val_loaders)
+    else:
+        # The router's code is part of what a checkpoint was trained from: another router's state is not resumed.
+        code = [Path(router_model.__file__), Path(router_training.__file__)]
+        ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean, *code])
+        train_set = ConcatDataset(list(parts["train"].values()))
+        train_loader = training_loader(D4Augmented(train_set), ShuffledD4Sampler(len(train_set), cfg.train.batch_size,
+                                                                                params.seed), params.trainer.num_workers)
+        fit(trainer, module, cfg.train.val_every, ckpt_path, train_dataloaders=train_loader, val_dataloaders=val_loaders)
+    seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     router.eval()
     val = parts["val"]
-    router.config.threshold = calibrate_threshold(router, val["singles"], cfg.unknown_quantile)
-    router.config.mix_threshold, mix_rates = calibrate_mix_threshold(router, val["singles"], val.get("mixes"))
     degraded = [val["singles"], *([val["mixes"]] if "mixes" in val else [])]
-    router.config.clean_threshold, clean_rates = calibrate_clean_threshold(router, degraded, val["clean"])
-    router.save_pretrained(args.out)
-    metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold, **mix_rates,
-                   clean_threshold=router.config.clean_threshold, **clean_rates,
-                   parameters=sum(p.numel() for p in router.parameters()))
+    if cfg.pretrained:  # calibrated on its own, larger validation split: kept, and measured on this one
+        found_mixes = mix_rates(router, val["singles"], val.get("mixes"), router.config.mix_threshold)
+        found_clean = clean_rates(router, degraded, val["clean"], router.config.clean_threshold)
+    else:
+        router.config.threshold = calibrate_threshold(router, val["singles"], cfg.unknown_quantile)
+        router.config.mix_threshold, found_mixes = calibrate_mix_threshold(router, val["singles"], val.get("mixes"))
+        router.config.clean_threshold, found_clean = calibrate_clean_threshold(router, degraded, val["clean"])
+    metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold, **found_mixes,
+                   clean_threshold=router.config.clean_threshold, **found_clean)
+    if cfg.pretrained:
+        shipped_card = Path(cfg.pretrained) / "README.md"
+        card = append_validation(shipped_card.read_text(), metrics, f"`{STAGE}` with router.pretrained = "
+                                 f"{cfg.pretrained}, on {args.data}'s val split", digits=3) if shipped_card.is_file() else None
+    else:
+        run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
+        command = (f"make params ARGS=profile={params.profile_name}   # + the overrides that give the settings above\n"
+                   f"python -m pipeline.stages.{STAGE} {' '.join(argv if argv is not None else sys.argv[1:])}")
+        card = router_card(asdict(router.config),
+                           OmegaConf.to_container(cfg.train, resolve=True), sum(p.numel() for p in router.parameters()),
+                           int(trainer.global_step), seconds, metrics, data_digest(args.clean), run, command)
+    router.save_pretrained(args.out, card)
+    metrics.update(parameters=sum(p.numel() for p in router.parameters()))
     log_model_folder(logger, STAGE, args.out, metrics)
     logger.experiment.summary.update(metrics)
     write_json(args.metrics, metrics)

@@ -164,6 +164,20 @@ def calibrate_threshold(router: DegradationRouter, singles: LabelledImages, quan
 MAX_FALSE_MIX_RATE = 0.02
 
 
+def _second_presence(router: DegradationRouter, images: LabelledImages) -> torch.Tensor:
+    routing = _routings(router, images)
+    return routing.presence.gather(-1, routing.ranking()[:, 1:2])[:, 0]
+
+
+def mix_rates(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None,
+              threshold: float) -> dict[str, float]:
+    """At mix threshold ``threshold``: the share of ``singles`` given a second adapter and of ``mixes`` detected."""
+    if mixes is None:
+        return {}
+    return {"false_mix_rate": float((_second_presence(router, singles) >= threshold).float().mean()),
+            "mix_detection_rate": float((_second_presence(router, mixes) >= threshold).float().mean())}
+
+
 def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None,
                             max_false_mix_rate: float = MAX_FALSE_MIX_RATE) -> tuple[float, dict[str, float]]:
     """The presence at or above which ``gated`` routing adds a second adapter: the lowest threshold (on a
@@ -172,15 +186,10 @@ def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, 
     a saturated presence); with its rates on those images. Without mixes, 0.5."""
     if mixes is None:
         return 0.5, {}
-    second = {}
-    for kind, images in (("single", singles), ("mix", mixes)):
-        routing = _routings(router, images)
-        second[kind] = routing.presence.gather(-1, routing.ranking()[:, 1:2])[:, 0]
+    second = _second_presence(router, singles)
     grid = torch.linspace(0.02, 0.98, 49).tolist()
-    threshold = next((t for t in grid if (second["single"] >= t).float().mean() <= max_false_mix_rate), 1.0)
-    rates = {"false_mix_rate": float((second["single"] >= threshold).float().mean()),
-             "mix_detection_rate": float((second["mix"] >= threshold).float().mean())}
-    return threshold, rates
+    threshold = next((t for t in grid if (second >= t).float().mean() <= max_false_mix_rate), 1.0)
+    return threshold, mix_rates(router, singles, mixes, threshold)
 
 
 # The share of degraded validation images (singles and mixes) that may be called clean, and so left as
@@ -189,14 +198,23 @@ def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, 
 MAX_FALSE_CLEAN_RATE = 0.02
 
 
+def _clean_probabilities(router: DegradationRouter, sets: list[LabelledImages]) -> torch.Tensor:
+    return torch.cat([_routings(router, images).clean_probability for images in sets])
+
+
+def clean_rates(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
+                threshold: float) -> dict[str, float]:
+    """At clean threshold ``threshold``: the share of ``degraded`` images called clean and of ``clean`` ones."""
+    return {"false_clean_rate": float((_clean_probabilities(router, degraded) >= threshold).float().mean()),
+            "clean_detection_rate": float((_clean_probabilities(router, [clean]) >= threshold).float().mean())}
+
+
 def calibrate_clean_threshold(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
                               max_false_clean_rate: float = MAX_FALSE_CLEAN_RATE) -> tuple[float, dict[str, float]]:
     """The probability of "clean" at or above which an image is left as it is: the lowest (on a 0.02 grid)
     that calls at most ``max_false_clean_rate`` of the ``degraded`` validation images clean, so it
     recognises as many clean ones as that bound allows; 1.0 where none does; with its rates."""
-    called = {kind: torch.cat([_routings(router, images).clean_probability for images in sets])
-              for kind, sets in (("degraded", degraded), ("clean", [clean]))}
+    called = _clean_probabilities(router, degraded)
     grid = torch.linspace(0.02, 0.98, 49).tolist()
-    threshold = next((t for t in grid if (called["degraded"] >= t).float().mean() <= max_false_clean_rate), 1.0)
-    return threshold, {"false_clean_rate": float((called["degraded"] >= threshold).float().mean()),
-                       "clean_detection_rate": float((called["clean"] >= threshold).float().mean())}
+    threshold = next((t for t in grid if (called >= t).float().mean() <= max_false_clean_rate), 1.0)
+    return threshold, clean_rates(router, degraded, clean, threshold)
