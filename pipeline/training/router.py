@@ -174,8 +174,12 @@ def mix_rates(router: DegradationRouter, singles: LabelledImages, mixes: Labelle
     """At mix threshold ``threshold``: the share of ``singles`` given a second adapter and of ``mixes`` detected."""
     if mixes is None:
         return {}
-    return {"false_mix_rate": float((_second_presence(router, singles) >= threshold).float().mean()),
-            "mix_detection_rate": float((_second_presence(router, mixes) >= threshold).float().mean())}
+    return _mix_rates(_second_presence(router, singles), _second_presence(router, mixes), threshold)
+
+
+def _mix_rates(single: torch.Tensor, mix: torch.Tensor, threshold: float) -> dict[str, float]:
+    return {"false_mix_rate": float((single >= threshold).float().mean()),
+            "mix_detection_rate": float((mix >= threshold).float().mean())}
 
 
 def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None,
@@ -186,10 +190,10 @@ def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, 
     a saturated presence); with its rates on those images. Without mixes, 0.5."""
     if mixes is None:
         return 0.5, {}
-    second = _second_presence(router, singles)
+    single, mix = _second_presence(router, singles), _second_presence(router, mixes)
     grid = torch.linspace(0.02, 0.98, 49).tolist()
-    threshold = next((t for t in grid if (second >= t).float().mean() <= max_false_mix_rate), 1.0)
-    return threshold, mix_rates(router, singles, mixes, threshold)
+    threshold = next((t for t in grid if (single >= t).float().mean() <= max_false_mix_rate), 1.0)
+    return threshold, _mix_rates(single, mix, threshold)
 
 
 # The share of degraded validation images (singles and mixes) that may be called clean, and so left as
@@ -205,8 +209,12 @@ def _clean_probabilities(router: DegradationRouter, sets: list[LabelledImages]) 
 def clean_rates(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
                 threshold: float) -> dict[str, float]:
     """At clean threshold ``threshold``: the share of ``degraded`` images called clean and of ``clean`` ones."""
-    return {"false_clean_rate": float((_clean_probabilities(router, degraded) >= threshold).float().mean()),
-            "clean_detection_rate": float((_clean_probabilities(router, [clean]) >= threshold).float().mean())}
+    return _clean_rates(_clean_probabilities(router, degraded), _clean_probabilities(router, [clean]), threshold)
+
+
+def _clean_rates(degraded: torch.Tensor, clean: torch.Tensor, threshold: float) -> dict[str, float]:
+    return {"false_clean_rate": float((degraded >= threshold).float().mean()),
+            "clean_detection_rate": float((clean >= threshold).float().mean())}
 
 
 def calibrate_clean_threshold(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
@@ -214,7 +222,7 @@ def calibrate_clean_threshold(router: DegradationRouter, degraded: list[Labelled
     """The probability of "clean" at or above which an image is left as it is: the lowest (on a 0.02 grid)
     that calls at most ``max_false_clean_rate`` of the ``degraded`` validation images clean, so it
     recognises as many clean ones as that bound allows; 1.0 where none does; with its rates."""
-    called = _clean_probabilities(router, degraded)
+    called, found = _clean_probabilities(router, degraded), _clean_probabilities(router, [clean])
     grid = torch.linspace(0.02, 0.98, 49).tolist()
     threshold = next((t for t in grid if (called >= t).float().mean() <= max_false_clean_rate), 1.0)
-    return threshold, clean_rates(router, degraded, clean, threshold)
+    return threshold, _clean_rates(called, found, threshold)
