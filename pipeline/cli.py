@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("--composition", choices=["sequential", "weights"], default=None,
                          help="a mix: adapters one after another, or their weights merged (the paper's)")
     restore.add_argument("--unknown", choices=["identity", "route"], default=None,
-                         help="when the router does not recognise the degradation, or finds none: leave the "
-                              "image as it is (identity) or restore it anyway (route)")
+                         help="when the router does not recognise the degradation: leave the image as it is "
+                              "(identity) or restore it anyway (route); an image it finds clean is left as it is "
+                              "(force an adapter with --lora / --mix)")
     restore.add_argument("--tile", type=int, default=256, help="tile side in pixels for large images")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")

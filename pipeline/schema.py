@@ -181,6 +181,7 @@ class RestorationChoice(Strict):
     top_k: int = Field(default=None, ge=1)
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"] = None
+    unknown: Literal["identity", "route"] = None
 
 
 class Restoration(Strict):

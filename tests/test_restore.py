@@ -402,8 +402,9 @@ def test_the_models_folder_settings_are_what_restore_uses(tiny_models, tmp_path)
     assert UniversalRestorer.from_pretrained(tmp_path / "models", settings=RestorationSettings()).settings.policy == "gated"
 
 
-@pytest.mark.parametrize("unknown,unchanged", [("identity", True), ("route", False)])
-def test_an_image_the_router_finds_clean_is_left_as_it_is(tiny_models, tmp_path, capsys, unknown, unchanged):
+@pytest.mark.parametrize("unknown", ["identity", "route"])
+def test_an_image_the_router_finds_clean_is_left_as_it_is(tiny_models, tmp_path, capsys, unknown):
+    """Whatever ``unknown`` says: that setting is for unrecognised degradations, not for clean images."""
     shutil.copytree(tiny_models, tmp_path / "models")
     torch.manual_seed(0)
     DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4, clean=True,
@@ -411,12 +412,25 @@ def test_an_image_the_router_finds_clean_is_left_as_it_is(tiny_models, tmp_path,
     restorer = UniversalRestorer.from_pretrained(tmp_path / "models", tile=32, overlap=8)
     image = rgb(40, 48)
     analysis = restorer.with_settings(unknown=unknown).analyse(image)
-    assert analysis.clean and analysis.unchanged is unchanged and not analysis.unknown
-    restored = restorer.with_settings(unknown=unknown).restore(image)
-    assert np.array_equal(restored, image) is unchanged
+    assert analysis.clean and analysis.unchanged and not analysis.unknown
+    assert np.array_equal(restorer.with_settings(unknown=unknown).restore(image), image)
     Image.fromarray(image).save(tmp_path / "x.png")
     code, out, _ = _run_cli(["restore", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--models",
                              str(tmp_path / "models"), "--json", "--unknown", unknown], capsys)
     entry = json.loads(out)[0]
     assert code == 0 and entry["clean"] is True
-    assert np.array_equal(read_image(entry["output"]), image) is unchanged
+    assert np.array_equal(read_image(entry["output"]), image)
+
+
+@pytest.mark.parametrize("unknown,unchanged", [("identity", True), ("route", False)])
+def test_an_unrecognised_degradation_is_left_or_routed_as_the_settings_say(tiny_models, tmp_path, unknown, unchanged):
+    shutil.copytree(tiny_models, tmp_path / "models")
+    torch.manual_seed(0)
+    DegradationRouter(RouterConfig(names=["noise", "blur"], embed_dim=8, width=4, clean=True, threshold=1.01,
+                                   clean_threshold=1.01)).save_pretrained(tmp_path / "models" / "router")
+    restorer = UniversalRestorer.from_pretrained(tmp_path / "models", tile=32, overlap=8).with_settings(unknown=unknown)
+    image = rgb(40, 48)
+    analysis = restorer.analyse(image)
+    assert analysis.unknown and not analysis.clean and analysis.unchanged is unchanged
+    assert np.array_equal(restorer.restore(image), image) is unchanged
+    assert analysis.steps and sum(analysis.weights.values()) == pytest.approx(1.0)  # what route applies

@@ -49,8 +49,9 @@ class RestorationSettings:
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
             other mixes sequential.
-        unknown: an image of an unrecognised degradation, or one the router finds clean, is left as it is
-            (``identity``) or routed anyway (``route``).
+        unknown: an image of an unrecognised degradation is left as it is (``identity``) or restored by its
+            routing anyway (``route``). An image the router finds clean is always left as it is (force an
+            adapter to restore it): an adapter on a clean photo costs several dB.
         undo_order: the order in which ``sequential`` applies adapters (the reverse of image formation:
             compression is undone first, the scene last); adapters not listed come after, by name.
         plans: for ``planned``, per pair of adapters (key: their names sorted, joined by ``+``), the steps
@@ -120,7 +121,7 @@ class Analysis:
     ranking: list[str]  # every adapter, most likely first (the most probable, then by presence)
     unknown: bool  # best similarity below the calibrated threshold
     clean: bool = False  # the router's probability of a clean image reached its calibrated threshold
-    unchanged: bool = False  # unknown or clean, and the settings leave such images as they are
+    unchanged: bool = False  # clean, or unknown with ``unknown: identity``: left as it is
     steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
 
 
@@ -376,7 +377,7 @@ class UniversalRestorer:
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),
                         ranking=[self.names[i] for i in routing.ranking()[0]],
                         unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
-                        unchanged=bool(routing.unknown[0] or routing.clean[0]) and settings.unknown == "identity",
+                        unchanged=bool(routing.clean[0]) or (bool(routing.unknown[0]) and settings.unknown == "identity"),
                         steps=self.steps(chosen))
 
     def analyse(self, image: Any) -> Analysis:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
     for row in rows:
         s = row["settings"]
-        print(f"{STAGE}: {s['policy']:<5} {s['composition']:<10} mix threshold {s['mix_threshold']}: val PSNR "
+        print(f"{STAGE}: {s['policy']:<5} {s['composition']:<10} unknown {s['unknown']:<8} mix threshold {s['mix_threshold']}: val PSNR "
               f"{row['mean_psnr']:.2f} (single {row['single_psnr']:.2f}, mixed {row['mixed_psnr'] or float('nan'):.2f})")
     print(f"{STAGE}: chose {chosen}")
 
