@@ -142,9 +142,10 @@ def test_text_prototypes_embed_the_descriptions(params):
 
 
 @pytest.mark.parametrize("single_presence,max_rate,expected_threshold,expected_detection", [
-    ([0.11] * 49 + [0.91], 0.02, 0.12, 2 / 3),  # 1 of 50 singles may pass: the lowest threshold above the rest
-    ([0.11] * 48 + [0.91, 0.91], 0.02, 0.92, 1 / 3),  # 2 of 50 may not: the threshold climbs over them
-    ([0.11] * 50, 0.0, 0.12, 2 / 3),
+    # 1 of 50 singles may pass: 0.12 to 0.50 all detect the mixes at 0.5 and 0.95, the middle of them
+    ([0.11] * 49 + [0.91], 0.02, 0.31, 2 / 3),
+    ([0.11] * 48 + [0.91, 0.91], 0.02, 0.93, 1 / 3),  # 2 of 50 may not: over them, 0.92 and 0.94 equally good
+    ([0.11] * 50, 0.0, 0.31, 2 / 3),
     ([0.99] * 50, 0.02, 1.0, 0.0),  # no threshold on the grid keeps singles single: 1.0, only a saturated presence
 ])
 def test_mix_threshold_bounds_false_mixes_on_validation_singles(monkeypatch, router, single_presence, max_rate,
@@ -295,7 +296,8 @@ def test_patch_sets_target_the_components_or_clean(tiny_project):
 
 
 @pytest.mark.parametrize("degraded_clean_probability,expected_threshold,expected_detection", [
-    ([0.01] * 99 + [0.95], 0.02, 1.0),  # 1 of 100 degraded may be called clean: everything clean is found
+    # 1 of 100 degraded may be called clean: 0.02 to 0.50 find every clean image, the middle of them
+    ([0.01] * 99 + [0.95], 0.26, 1.0),
     ([0.01] * 97 + [0.95] * 3, 0.96, 1 / 3),  # 3 of 100 may not: the threshold climbs over them
     ([0.99] * 100, 1.0, 0.0),  # none on the grid keeps degraded images degraded: never clean
 ])
@@ -365,6 +367,27 @@ def test_fit_router_writes_a_card_and_a_pretrained_router_is_validated_not_retra
     outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fit_router"]["outs"]
     assert [p for p in (next(iter(o)) if isinstance(o, dict) else o for o in outs) if not (root / p).exists()] == []
 
+    # --recalibrate: the same weights, the thresholds this run's validation sets give, said in the card
+    trained.config.mix_threshold, trained.config.clean_threshold = 0.99, 0.99
+    trained.save_pretrained(root / "stale", card)
+    compose_params(root / "params.yaml", ROOT / "conf", [*overrides, f"router.pretrained={root / 'stale'}"])
+    fit_router.main(["--out", "recalibrated", "--recalibrate"])
+    recalibrated = DegradationRouter.from_pretrained("recalibrated")
+    metrics = json.loads((root / "reports/fit_router.json").read_text())
+    assert recalibrated.config.mix_threshold == metrics["mix_threshold"] != 0.99
+    assert recalibrated.config.clean_threshold == metrics["clean_threshold"] != 0.99
+    assert all(torch.equal(a, b) for a, b in zip(recalibrated.state_dict().values(), trained.state_dict().values()))
+    assert "calibrated afresh" in (root / "recalibrated/README.md").read_text()
+
+
+def test_recalibrate_needs_a_pretrained_router(router_project, monkeypatch):
+    from pipeline.stages import fit_router
+
+    monkeypatch.chdir(router_project[0])
+    with pytest.raises(SystemExit):
+        fit_router.main(["--recalibrate"])
+    assert not (router_project[0] / "models/router").exists()
+
 
 def test_a_pretrained_router_for_other_degradations_is_refused(router_project, tiny_models, monkeypatch):
     from pipeline.config import compose_params
@@ -376,3 +399,19 @@ def test_a_pretrained_router_for_other_degradations_is_refused(router_project, t
     with pytest.raises(SystemExit, match=r"routes to \['noise', 'blur'\], but the degradations are \['noise', 'jpeg'\]"):
         fit_router.main([])
     assert not (root / "models/router").exists()
+
+
+@pytest.mark.parametrize("negatives,positives,max_rate,expected", [
+    ([0.11] * 10, [0.71] * 10, 0.0, 0.41),  # 0.12 to 0.70 all separate them: the middle, not the lowest
+    ([0.11] * 9 + [0.51], [0.71] * 10, 0.0, 0.61),  # the negative at 0.51 moves the interval's floor to 0.52
+    ([0.11] * 9 + [0.51], [0.71] * 10, 0.1, 0.41),  # one negative in ten may pass
+    ([0.11] * 10, [0.31, 0.91], 0.0, 0.21),  # found falls above 0.30: only 0.12 to 0.30 find both
+    ([0.99] * 10, [0.99] * 10, 0.0, 1.0),  # nothing on the grid keeps the bound
+])
+def test_bounded_threshold_is_the_middle_of_the_equally_good_ones(negatives, positives, max_rate, expected):
+    from pipeline.training.router import bounded_threshold
+
+    threshold = bounded_threshold(torch.tensor(negatives), torch.tensor(positives), max_rate)
+    assert threshold == pytest.approx(expected, abs=1e-6)
+    if threshold < 1:
+        assert (torch.tensor(negatives) >= threshold).float().mean() <= max_rate

@@ -46,7 +46,7 @@ def results_markdown(metrics: dict, params, sample: str) -> str:
         f"policy (mix threshold {used['mix_threshold_used']:.2f}) gave two or more adapters to "
         f"{100 * router['single_given_two_or_more']:.1f}% of single and {100 * router['mixed_given_two_or_more']:.1f}% "
         f"of mixed test images; {100 * router['unknown_rate']:.1f}% were flagged unknown and "
-        + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored anyway (`unknown: route`).")
+        + ("left as they were (`unknown: identity`)." if used["unknown"] == "identity" else "restored by their routing anyway (`unknown: route`).")
         + _clean_sentence({k: [v] for k, v in router.items()}, lambda v: f"{100 * v[0]:.1f}%"),
         "",
         *_sample_lines(sample),
@@ -97,6 +97,7 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
                                                                  "single_given_two_or_more", "mixed_given_two_or_more")}
     chosen = "; ".join(f"{s}: {runs[s]['restoration']['policy']}, {runs[s]['restoration']['composition']}"
                        + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] == "gated" else "")
+                       + (", unknown routed" if runs[s]["restoration"].get("unknown") == "route" else "")
                        for s in seeds)
     lines += [
         "",
@@ -104,7 +105,8 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
         f"components among its first |mix| adapters {_mean_std(router['mix_recall'], 3)}; flagged unknown "
         f"{_mean_std(router['unknown_rate'], 3)}. As shipped, two or more adapters went to "
         f"{_mean_std(router['single_given_two_or_more'], 3)} of single and {_mean_std(router['mixed_given_two_or_more'], 3)} "
-        f"of mixed test images. Chosen on validation (seed: policy, composition): {chosen}."
+        f"of mixed test images. Chosen on validation (seed: policy, composition, unknown left as they are unless "
+        f"routed): {chosen}."
         + _clean_sentence({k: [runs[s]["router"].get(k) for s in seeds] for k in CLEAN_RATES},
                           lambda v: _mean_std(v, 3)),
     ]

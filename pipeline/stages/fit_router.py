@@ -7,6 +7,8 @@ whose clean photo had its tone changed first (``router.train.tone``, also applie
 The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``
 set, that router folder is validated instead (its degradations must be these, in this order) and kept with the
 thresholds it was calibrated with on its own validation photographs; this run's rates at them are reported.
+``--recalibrate`` calibrates a pretrained router's thresholds afresh on this run's validation sets (how the
+shipped router's were redone under the current rules, on its own CBSD432 validation photos).
 Writes ``<out>/`` (config.json + model.safetensors + README.md, its card), validation metrics and the W&B pointer.
 """
 
@@ -28,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models/router")
     parser.add_argument("--metrics", default=f"reports/{STAGE}.json")
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with router.pretrained: calibrate its thresholds on this run's validation sets")
     args = parser.parse_args(argv)
     params = stage_params(args.params)
+    if args.recalibrate and not params.router.pretrained:
+        parser.error("--recalibrate recalibrates a router.pretrained; a router trained here is calibrated anyway")
 
     import sys
     import time
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     router.eval()
     val = parts["val"]
     degraded = [val["singles"], *([val["mixes"]] if "mixes" in val else [])]
-    if cfg.pretrained:  # calibrated on its own, larger validation split: kept, and measured on this one
+    if cfg.pretrained and not args.recalibrate:  # calibrated on its own, larger validation split: kept, and measured on this one
         found_mixes = mix_rates(router, val["singles"], val.get("mixes"), router.config.mix_threshold)
         found_clean = clean_rates(router, degraded, val["clean"], router.config.clean_threshold)
     else:
@@ -122,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         shipped_card = Path(cfg.pretrained) / "README.md"
         card = append_validation(shipped_card.read_text(), metrics, f"`{STAGE}` with router.pretrained = "
                                  f"{cfg.pretrained}, on {args.data}'s val split", digits=3) if shipped_card.is_file() else None
+        if card is not None and args.recalibrate:
+            card += (f"\nThe thresholds were calibrated afresh on that split (they replace the Configuration's): "
+                     + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("threshold", "mix_threshold", "clean_threshold"))
+                     + f", by\n\n```bash\npython -m pipeline.stages.{STAGE} "
+                     + " ".join(argv if argv is not None else sys.argv[1:]) + "\n```\n")
     else:
         run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
         command = (f"make params ARGS=profile={params.profile_name}   # + the overrides that give the settings above\n"

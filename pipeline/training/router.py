@@ -182,17 +182,33 @@ def _mix_rates(single: torch.Tensor, mix: torch.Tensor, threshold: float) -> dic
             "mix_detection_rate": float((mix >= threshold).float().mean())}
 
 
+def bounded_threshold(negatives: torch.Tensor, positives: torch.Tensor, max_false_rate: float) -> float:
+    """A score threshold that lets at most ``max_false_rate`` of ``negatives`` reach it and as many ``positives``
+    as that bound allows: of the thresholds on a 0.02 grid that do both equally well, the middle of their
+    interval; 1.0 where none keeps the bound.
+
+    The lowest of them, the rule before, sat at the grid's floor for the pre-trained router's clean threshold
+    (0.02, with every clean validation crop at 0.64 or more), so photos unlike the validation ones crossed
+    it first; the middle is as far from both sides as validation can tell."""
+    grid = torch.linspace(0.02, 0.98, 49)
+    feasible = grid[(negatives[None] >= grid[:, None]).float().mean(-1) <= max_false_rate]
+    if not len(feasible):
+        return 1.0
+    found = (positives[None] >= feasible[:, None]).float().mean(-1)
+    equal = feasible[found == found[0]]  # found falls as the threshold rises: these come first
+    return round(float(equal[0] + equal[-1]) / 2, 4)
+
+
 def calibrate_mix_threshold(router: DegradationRouter, singles: LabelledImages, mixes: LabelledImages | None,
                             max_false_mix_rate: float = MAX_FALSE_MIX_RATE) -> tuple[float, dict[str, float]]:
-    """The presence at or above which ``gated`` routing adds a second adapter: the lowest threshold (on a
-    0.02 grid) that gives a second adapter to at most ``max_false_mix_rate`` of validation singles, so it
-    detects as many validation mixes as that bound allows; 1.0 where none does (a second adapter only at
-    a saturated presence); with its rates on those images. Without mixes, 0.5."""
+    """The presence at or above which ``gated`` routing adds a second adapter: a threshold that gives a second
+    adapter to at most ``max_false_mix_rate`` of validation singles and detects as many validation mixes as
+    that bound allows (``bounded_threshold``); 1.0 where none does (a second adapter only at a saturated
+    presence); with its rates on those images. Without mixes, 0.5."""
     if mixes is None:
         return 0.5, {}
     single, mix = _second_presence(router, singles), _second_presence(router, mixes)
-    grid = torch.linspace(0.02, 0.98, 49).tolist()
-    threshold = next((t for t in grid if (single >= t).float().mean() <= max_false_mix_rate), 1.0)
+    threshold = bounded_threshold(single, mix, max_false_mix_rate)
     return threshold, _mix_rates(single, mix, threshold)
 
 
@@ -219,10 +235,9 @@ def _clean_rates(degraded: torch.Tensor, clean: torch.Tensor, threshold: float) 
 
 def calibrate_clean_threshold(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
                               max_false_clean_rate: float = MAX_FALSE_CLEAN_RATE) -> tuple[float, dict[str, float]]:
-    """The probability of "clean" at or above which an image is left as it is: the lowest (on a 0.02 grid)
-    that calls at most ``max_false_clean_rate`` of the ``degraded`` validation images clean, so it
-    recognises as many clean ones as that bound allows; 1.0 where none does; with its rates."""
+    """The probability of "clean" at or above which an image is left as it is: a threshold that calls at most
+    ``max_false_clean_rate`` of the ``degraded`` validation images clean and recognises as many clean ones as
+    that bound allows (``bounded_threshold``); 1.0 where none does; with its rates."""
     called, found = _clean_probabilities(router, degraded), _clean_probabilities(router, [clean])
-    grid = torch.linspace(0.02, 0.98, 49).tolist()
-    threshold = next((t for t in grid if (called >= t).float().mean() <= max_false_clean_rate), 1.0)
+    threshold = bounded_threshold(called, found, max_false_clean_rate)
     return threshold, _clean_rates(called, found, threshold)
