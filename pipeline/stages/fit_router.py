@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         if card is not None and args.recalibrate:
             card += (f"\nThe thresholds were calibrated afresh on that split (they replace the Configuration's): "
                      + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("threshold", "mix_threshold", "clean_threshold"))
-                     + f", by\n\n```bash\npython -m pipeline.stages.{STAGE} "
-                     + " ".join(argv if argv is not None else sys.argv[1:]) + "\n```\n")
+                     + f", by\n\n```bash\nmake params ARGS=\"profile={params.profile_name} router.pretrained={cfg.pretrained}\"\n"
+                     f".venv/bin/dvc repro synthesize   # the clean photos and the validation sets\n"
+                     f"python -m pipeline.stages.{STAGE} " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n```\n")
     else:
         run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
         command = (f"make params ARGS=profile={params.profile_name}   # + the overrides that give the settings above\n"
