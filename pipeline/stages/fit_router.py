@@ -1,7 +1,7 @@
 """DVC stage ``fit_router``: the degradation-aware router over the trained degradations.
 
 Trained on the single-degradation training sets, plus (``router.train.mixed_patches`` > 0) random
-pairs of degradations applied to clean training patches, labelled with both components, plus the clean
+pairs of degradations (in either order) applied to clean training patches, labelled with both components, plus the clean
 patches themselves, labelled "clean", plus (``router.train.tone_patches`` > 0) singles and clean patches
 whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes).
 The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``

@@ -7,7 +7,7 @@ false-mix rate; clean images at a bounded false-clean rate)."""
 from __future__ import annotations
 
 from dataclasses import fields
-from itertools import combinations
+from itertools import permutations
 from pathlib import Path
 
 import lightning as L
@@ -115,8 +115,13 @@ class RouterTraining(L.LightningModule):
 
 
 def pairs(names: list[str]) -> list[tuple[str, str]]:
-    """Every pair of degradations, each applied in ``names`` order."""
-    return list(combinations(names, 2))
+    """Every pair of degradations in both orders (the first applied first).
+
+    Which one comes last changes what a mix looks like: noise added to a dark photo is full-strength noise,
+    a noisy photo darkened is faint noise. A router trained on one order per pair (``names`` order, the rule
+    before) found the low light of 5 of 28 validation crops darkened then noised, against 24 of 28 noised then
+    darkened, and the blur of none of 28 blurred then noised."""
+    return list(permutations(names, 2))
 
 
 def patch_set(params, names: list[str], clean_dir: str, split: str, combos: list[tuple[str, ...]], count: int,
