@@ -17,7 +17,7 @@ import sys
 from pipeline.restore_cli import export_main, info_main, restore_main, ship_main
 
 STAGES = ("prepare", "synthesize", "synthesize_mixed", "pretrain_backbone", "train_lora", "train_multitask",
-          "train_shared_lora", "fit_router", "select_restoration", "evaluate")
+          "train_shared_lora", "fit_noise_level", "fit_router", "select_restoration", "evaluate")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
                          help="when the router does not recognise the degradation: leave the image as it is "
                               "(identity) or restore it anyway (route); an image it finds clean is left as it is "
                               "(force an adapter with --lora / --mix)")
+    restore.add_argument("--noise-level", choices=["learned", "analytic"], default=None,
+                         help="the noise adapter's timestep: from its learned noise level estimator (reads noise that "
+                              "JPEG or blur went over) or from the analytic σ̂ of white noise")
     restore.add_argument("--tile", type=int, default=256, help="tile side in pixels for large images")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")

@@ -132,7 +132,7 @@ def restoration_settings(args: argparse.Namespace):
     from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings
 
     overrides = dict(policy=args.policy, top_k=args.top_k, composition=args.composition, unknown=args.unknown,
-                     mix_threshold=args.mix_threshold)
+                     mix_threshold=args.mix_threshold, noise_level=args.noise_level)
     file = Path(args.models) / SETTINGS_FILE
     return RestorationSettings.load(file, **overrides) if file.is_file() else RestorationSettings.from_params({}, **overrides)
 
@@ -237,6 +237,7 @@ def info_main(args: argparse.Namespace) -> int:
 
     models = Path(args.models)
     names = ModelsFolder(models).check()
+    estimators = ModelsFolder(models).noise_levels(names)
     backbone = json.loads((models / "backbone" / "config.json").read_text())
     from safetensors import safe_open
 
@@ -258,7 +259,8 @@ def info_main(args: argparse.Namespace) -> int:
                                   "targets": sorted(config["target_modules"]), "parameters": params,
                                   "of_backbone": round(params / backbone_params, 4),
                                   "t_star": read_restoration_settings(folder)["t_star"],
-                                  "timestep": read_restoration_settings(folder).get("timestep", "fixed")}
+                                  "timestep": read_restoration_settings(folder).get("timestep", "fixed"),
+                                  "noise_level_estimator": str(estimators[name]) if name in estimators else None}
     from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings
 
     settings_file = models / SETTINGS_FILE
@@ -280,20 +282,25 @@ def info_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    def timestep(adapter: dict) -> str:
+        if adapter["timestep"] != "noise_sigma":
+            return f"t*={adapter['t_star']}"
+        return "t(σ) learned" if adapter["noise_level_estimator"] else "t(σ̂) (no learned estimator)"
+
     print(f"models    {info['models']['folder']} ({info['models']['set']})")
     b = info["backbone"]
     print(f"backbone  UNet2DModel {b['block_out_channels']} x{b['layers_per_block']}, {b['parameters'] / 1e6:.2f} M parameters")
     for name, a in info["adapters"].items():
         print(f"adapter   {name:<10} rank {a['rank']:>3}  {a['parameters'] / 1e3:8.1f} k parameters "
               f"({100 * a['of_backbone']:.1f}% of backbone)  "
-              f"{'t(σ̂)' if a['timestep'] == 'noise_sigma' else 't*=' + str(a['t_star'])}  targets {','.join(a['targets'])}")
+              f"{timestep(a)}  targets {','.join(a['targets'])}")
     r = info["router"]
     print(f"router    {r['prototypes']} prototypes for {', '.join(r['degradations'])}; mix threshold {r['mix_threshold']}, "
           f"temperature {r['temperature']}, unknown below {r['unknown_threshold']}, "
           + ("no clean class" if r["clean_threshold"] is None else f"clean at or above {r['clean_threshold']}"))
     s = info["restoration"]
     print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")
-          + f", {s['composition']} mixing, unknown: {s['unknown']}  ({s['source']})")
+          + f", {s['composition']} mixing, unknown: {s['unknown']}, noise timestep: {s['noise_level']}  ({s['source']})")
     if s["composition"] == "planned":
         print("plans     " + "; ".join(f"{key}: " + " then ".join("+".join(step) for step in plan)
                                     for key, plan in s["plans"].items()))
@@ -325,7 +332,7 @@ def ship_main(args: argparse.Namespace) -> int:
                          f"the shipped backbone (backbone.pretrained: {target.backbone})")
     reports = Path(args.reports)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    parts = [f"loras/{n}" for n in names]
+    parts = [f"loras/{n}" for n in names] + [f"noise_level/{n}" for n in source.noise_levels(names)]
     router_files = ("config.json", "model.safetensors")
     pretrained = all((target.root / "router" / f).is_file() and
                      (target.root / "router" / f).read_bytes() == (source.root / "router" / f).read_bytes() for f in router_files)
@@ -352,6 +359,9 @@ def set_card(folder, names: list[str], reports: Path, commit: str) -> str:
         f"{r.get('val/input_psnr', float('nan')):.2f} | {r.get('val/psnr', float('nan')):.2f} |"
         for n in names for r in [report(f"train_lora/{n}.json")])
     router = report("fit_router.json")
+    noise_levels = "\n".join(f"| {n} | {m.get('val/regret_db_estimator', float('nan')):.3f} | "
+                             f"{m.get('val/regret_db_analytic', float('nan')):.3f} |"
+                             for n, m in report("fit_noise_level.json").items())
     headline = report("headline.json")
     settings = json.loads((folder.root / "restoration.json").read_text())
     return f"""# UIR-LoRA models shipped with uir-lora
@@ -362,6 +372,7 @@ What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc r
 - `backbone/`: the frozen pre-trained DDPM UNet; its own card is `backbone/README.md`
 - `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule)
 - `router/`: the degradation-aware router (config.json + safetensors; its card, where it was pre-trained, is `router/README.md`)
+- `noise_level/<degradation>/`: the noise level estimator that sets the timestep of an adapter with the `noise_sigma` rule (its card: `README.md`)
 - `restoration.json`: the routing policy and composition chosen on validation data
 
 Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's backbone) at commit
@@ -372,6 +383,12 @@ Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's b
 | degradation | rank | t* | input | restored |
 |---|---|---|---|---|
 {adapters}
+
+## Noise level estimators (validation patches of that run; PSNR dB lost against the adapter's best timestep)
+
+| adapter | learned | analytic σ̂ |
+|---|---|---|
+{noise_levels}
 
 ## Router (validation split of that run)
 

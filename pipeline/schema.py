@@ -182,6 +182,7 @@ class RestorationChoice(Strict):
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"] = None
     unknown: Literal["identity", "route"] = None
+    noise_level: Literal["learned", "analytic"] = None
 
 
 class Restoration(Strict):
@@ -193,9 +194,34 @@ class Restoration(Strict):
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"]
     unknown: Literal["identity", "route"]
+    noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂
     undo_order: list[str]
     choose_on_validation: bool
     candidates: list[RestorationChoice]
+
+
+class NoiseLevelTrain(Optimisation):
+    max_steps: int = PositiveInt
+
+
+class NoiseLevel(Strict):
+    """``fit_noise_level``: patches labelled by the adapter's best timestep, and the estimator's training."""
+
+    patch_size: int = Field(ge=16)
+    train_patches: int = PositiveInt
+    val_patches: int = PositiveInt
+    alone_share: float = Field(ge=0, le=1)  # patches with the adapter's degradation alone; the rest mixed
+    sigma_range: tuple[float, float]  # the timestep grid's noise levels, 0–255 scale
+    grid: int = Field(ge=2)
+    hidden: int = PositiveInt
+    train: NoiseLevelTrain
+
+    @model_validator(mode="after")
+    def _increasing_range(self) -> "NoiseLevel":
+        low, high = self.sigma_range
+        if not 0 < low < high:
+            raise ValueError(f"noise_level.sigma_range must be [low, high] with 0 < low < high, got [{low}, {high}]")
+        return self
 
 
 class Evaluate(Strict):
@@ -238,6 +264,7 @@ class Params(Strict):
     baselines: dict[str, Baseline]
     logger: Logger
     router: Router
+    noise_level: NoiseLevel
     restoration: Restoration
     evaluate: Evaluate
     degradations: dict[str, Degradation] = Field(min_length=1)

@@ -60,7 +60,7 @@ def test_grayscale_alpha_and_16_bit_are_kept(restorer, channels, dtype):
 def test_tiling_blends_tiles_back_exactly(tiny_models, monkeypatch):
     """With a pixel-wise stand-in for the network, tiles, overlaps and the ramp blend reconstruct the image."""
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
-    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights: torch.tanh(y * 1.5))
+    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights, noise_level: torch.tanh(y * 1.5))
     assert restorer.tiles(image_shape=(70, 90)) == 3 * 4
     image = rgb(70, 90, seed=3)
     tiled = restorer.restore(image, weights={"noise": 1.0})

@@ -3,8 +3,8 @@ degradation (``noise``, ``noise+blur``) to the restored image, all through the r
 
 UIR-LoRA is ``UniversalRestorer.restore`` exactly as ``uir restore`` runs it (the settings chosen on
 validation, unknown-degradation fallback included), beside its variants — top-1 routing; gated routing
-with each composition; the paper's top-K weight-space mix — and the oracle (the true adapters) with each
-composition. A baseline is data: every ``models/baselines/<name>/`` folder with a
+with each composition; the paper's top-K weight-space mix; the noise adapter's timestep from the analytic σ̂
+instead of its learned estimator — and the oracle (the true adapters) with each composition. A baseline is data: every ``models/baselines/<name>/`` folder with a
 ``restoration.json`` (``kind``: ``unet`` for a full UNet2DModel, ``lora`` for a PEFT adapter on the
 backbone; ``t_star``; ``label``) is evaluated, so adding one takes its stage, its params and its
 ``dvc.yaml`` entry.
@@ -81,6 +81,8 @@ def load_methods(models: str | Path, settings: RestorationSettings | None = None
            for c in ("sequential", "weights", "planned")},
         "uir_lora_paper": (f"UIR-LoRA as in the paper (top-{shipped.top_k}, weight-space mixing)",
                            restorer.with_settings(policy="topk", composition="weights")),
+        "uir_lora_analytic": ("UIR-LoRA as shipped, the noise timestep from the analytic σ̂",
+                              restorer.with_settings(noise_level="analytic")),
     }
     oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights", "planned")}
     threshold = "" if shipped.policy != "gated" else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
@@ -88,6 +90,9 @@ def load_methods(models: str | Path, settings: RestorationSettings | None = None
         Method("input", "degraded input", lambda image, truth: image),
         *[Method(f"oracle_{c}", f"oracle: the true adapters, {c} mixing",
                  lambda image, truth, r=r: r.restore(image, weights=oracle_weights(truth))) for c, r in oracles.items()],
+        Method("oracle_analytic", "oracle: the true adapters, planned mixing, the noise timestep from the analytic σ̂",
+               lambda image, truth, r=oracles["planned"].with_settings(noise_level="analytic"):
+               r.restore(image, weights=oracle_weights(truth))),
         Method("uir_lora", f"**UIR-LoRA** as shipped ({shipped.policy}{threshold}, {shipped.composition} mixing)",
                lambda image, truth: restorer.restore(image)),
         *[Method(name, label, lambda image, truth, r=r: r.restore(image)) for name, (label, r) in variants.items()],

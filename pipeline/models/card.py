@@ -136,6 +136,51 @@ patches; the unknown, mix and clean thresholds were calibrated on the same folde
 """
 
 
+def noise_level_card(config: Mapping[str, Any], settings: Mapping[str, Any], steps: int, seconds: float,
+                     metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any], command: str) -> str:
+    """The card of a noise level estimator (``fit_noise_level``)."""
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()))
+    return f"""# UIR-LoRA noise level estimator for the `{config['adapter']}` adapter
+
+Sets the timestep of the `{config['adapter']}` adapter (timestep rule `noise_sigma`): the noise level σ at which
+that adapter restores an image best, from the analytic σ̂ and a learned correction for noise that JPEG or blur
+went over; trained by the `fit_noise_level` stage of uir-lora against the adapter beside it (`../loras/{config['adapter']}`).
+Load it with `NoiseLevelEstimator.from_pretrained` (this folder).
+
+## Training data
+
+{_data_section(data)}
+
+{settings['train_patches']} patches of {settings['patch_size']}², {settings['alone_share']:.0%} with the adapter's degradation alone,
+the rest with one other degradation before or after it; each labelled by the adapter's PSNR at
+{metrics.get('grid_timesteps', '?'):.0f} timesteps (σ {settings['sigma_range'][0]}–{settings['sigma_range'][1]} on the 0–255 scale).
+
+## Training
+
+- steps: {steps} (batch {settings['train']['batch_size']}, AdamW lr {settings['train']['lr']}, L1 on log σ of the best timestep)
+- wall time: {seconds / 60:.1f} min on {hardware()}, labelling included
+- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+
+## Configuration
+
+```json
+{json.dumps(dict(config), indent=2)}
+```
+
+## Validation (patches of the `val` split; regret: PSNR lost at the chosen timestep against the best of the grid)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Reproduce
+
+```bash
+{command}
+```
+"""
+
+
 def append_validation(card: str, metrics: Mapping[str, float], where: str, digits: int = 2) -> str:
     """A card used by another run: the metrics that run measured, appended."""
     rows = "\n".join(f"| {k} | {v:.{digits}f} |" for k, v in sorted(metrics.items())

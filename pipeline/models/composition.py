@@ -25,14 +25,18 @@ from peft.tuners.lora import LoraLayer
 
 from pipeline.models.adapters import apply_weight, merged_weight, read_restoration_settings
 from pipeline.models.backbone import OneStepReadout, load_backbone
+from pipeline.models.noise_level import NoiseLevelEstimator
 from pipeline.models.severity import rule_timesteps
+
+NOISE_LEVELS = ("learned", "analytic")  # what sets the timestep of a noise_sigma adapter (``timesteps``)
 
 
 class AdapterComposition(torch.nn.Module):
     """A ``PeftModel`` holding N named adapters, each with its one-step timestep ``t*``."""
 
     def __init__(self, model: PeftModel, names: Sequence[str], t_star: Sequence[int], readout: OneStepReadout,
-                 timestep_rules: Sequence[str] | None = None, merged_cache_bytes: int = 256 << 20):
+                 timestep_rules: Sequence[str] | None = None, merged_cache_bytes: int = 256 << 20,
+                 noise_levels: Mapping[str, NoiseLevelEstimator] | None = None):
         super().__init__()
         if merged_cache_bytes < 0:
             raise ValueError(f"merged_cache_bytes must be >= 0, got {merged_cache_bytes}")
@@ -44,6 +48,10 @@ class AdapterComposition(torch.nn.Module):
         self.readout = readout
         self.register_buffer("t_star", torch.tensor(list(t_star), dtype=torch.float32), persistent=False)
         self.timestep_rules = list(timestep_rules or ["fixed"] * len(self.names))
+        unknown = sorted(set(noise_levels or {}) - set(self.names))
+        if unknown:
+            raise ValueError(f"noise level estimators for {unknown}, which are not adapters here: {self.names}")
+        self.noise_levels = torch.nn.ModuleDict(dict(noise_levels or {}))
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         unsupported = sorted({type(m.get_base_layer()).__name__ for m in self.layers} - {"Conv2d", "Linear"})
         if unsupported:
@@ -59,8 +67,10 @@ class AdapterComposition(torch.nn.Module):
         model.requires_grad_(False).eval()
 
     @classmethod
-    def from_pretrained(cls, backbone: str | Path, adapters: Mapping[str, str | Path]) -> "AdapterComposition":
-        """The backbone folder plus adapter folders (PEFT format + ``restoration.json``), by degradation name."""
+    def from_pretrained(cls, backbone: str | Path, adapters: Mapping[str, str | Path],
+                        noise_levels: Mapping[str, str | Path] | None = None) -> "AdapterComposition":
+        """The backbone folder plus adapter folders (PEFT format + ``restoration.json``), by degradation name, and
+        the noise level estimators (``NoiseLevelEstimator`` folders) of adapters with the ``noise_sigma`` rule."""
         if not adapters:
             raise ValueError("no adapters to compose")
         unet, scheduler = load_backbone(backbone)
@@ -78,7 +88,8 @@ class AdapterComposition(torch.nn.Module):
             except RuntimeError as error:  # shape mismatch: trained on another backbone
                 raise ValueError(f"adapter {path} does not fit the backbone {backbone}: {str(error).splitlines()[0]}") from None
         return cls(model, list(adapters), [settings[n]["t_star"] for n in adapters], OneStepReadout(scheduler),
-                   [settings[n].get("timestep", "fixed") for n in adapters])
+                   [settings[n].get("timestep", "fixed") for n in adapters],
+                   noise_levels={n: NoiseLevelEstimator.from_pretrained(p) for n, p in (noise_levels or {}).items()})
 
     def _composed_forward(self):
         composition = self
@@ -131,24 +142,41 @@ class AdapterComposition(torch.nn.Module):
         finally:
             self._weights, self._used, self._mix_key = None, [], None
 
-    def timesteps(self, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def timesteps(self, weights: torch.Tensor, y: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
         """Per-sample timesteps: the weight-averaged timesteps of the composed adapters (rounded), each
-        adapter's its ``t*`` or, under the ``noise_sigma`` rule, the one of the noise level estimated in ``y``.
+        adapter's its ``t*`` or, under the ``noise_sigma`` rule, the one of the noise level in ``y`` — estimated
+        by the analytic σ̂ (``noise_level="analytic"``) or by the adapter's ``NoiseLevelEstimator`` ("learned").
 
         All-zero weights (no adapter) get the mean."""
+        if noise_level not in NOISE_LEVELS:
+            raise ValueError(f"noise_level must be one of {NOISE_LEVELS}, got {noise_level!r}")
         weights = weights if weights.ndim == 2 else weights[None]
-        per_adapter = torch.stack([rule_timesteps(rule, int(t), y, self.readout).float()
-                                   for rule, t in zip(self.timestep_rules, self.t_star)], dim=1)
         total = weights.sum(dim=1, keepdim=True)
         uniform = torch.full_like(weights, 1.0 / weights.shape[1])
         normalised = torch.where(total > 0, weights / total.clamp_min(1e-12), uniform)
+        used = normalised.any(dim=0).tolist()
+        per_adapter = torch.stack([self._adapter_timesteps(i, y, noise_level).float() if used[i]
+                                   else torch.zeros(y.shape[0], device=y.device) for i in range(len(self.names))], dim=1)
         return (normalised * per_adapter).sum(dim=1).round().long()
 
-    def restore(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters."""
+    def _adapter_timesteps(self, index: int, y: torch.Tensor, noise_level: str) -> torch.Tensor:
+        name, rule = self.names[index], self.timestep_rules[index]
+        if rule != "noise_sigma" or noise_level == "analytic":
+            return rule_timesteps(rule, int(self.t_star[index]), y, self.readout)
+        if name not in self.noise_levels:
+            raise ValueError(f"adapter {name!r} has no noise level estimator: run `dvc repro fit_noise_level`, "
+                             "or restore with the analytic estimate (noise_level: analytic)")
+        return self.readout.timesteps_for_sigma(self.noise_levels[name](y))
+
+    def restore(self, y: torch.Tensor, weights: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
+        """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters, at ``timesteps``'s."""
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
-        timesteps = self.timesteps(per_sample, y)
+        return self.restore_at(y, weights, self.timesteps(per_sample, y, noise_level))
+
+    def restore_at(self, y: torch.Tensor, weights: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """One-step restoration of ``y`` with the composed adapters at given per-sample ``timesteps`` (B,)."""
+        weights = self._check(weights, y.shape[0])
         return self.readout.x0(y, timesteps, self.epsilon(self.readout.noisy_sample(y, timesteps), timesteps, weights))
 
     def _check(self, weights: torch.Tensor, batch: int) -> torch.Tensor:

@@ -239,10 +239,10 @@ class OnnxEngine:
                                   else _openvino_runner(file, self.precision, threads))
         return self._runners[key]
 
-    def restore(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    def restore(self, y: torch.Tensor, vector: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
         """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime."""
         mix = {name: float(w) for name, w in zip(self.composition.names, vector) if w}
-        timesteps = self.composition.timesteps(vector, y)
+        timesteps = self.composition.timesteps(vector, y, noise_level)
         inputs = {"image": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
                   "timestep": timesteps.cpu().numpy().astype(np.int64)}
         return torch.from_numpy(self.runner(mix)(inputs))

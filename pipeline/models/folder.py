@@ -3,6 +3,8 @@
     backbone/                  UNet2DModel (save_pretrained) + scheduler config      pretrain_backbone
     loras/<degradation>/       PEFT adapter + restoration.json (degradation, t*)     train_lora@<d>
     router/                    config.json + model.safetensors                       fit_router
+    noise_level/<degradation>/ config.json + model.safetensors, for adapters whose    fit_noise_level
+                               timestep follows the noise level (``noise_sigma``)
     baselines/<name>/          a compared method + restoration.json (kind, t*, label) train_<name>
 
 Every check names the DVC stage that writes what is missing.
@@ -57,6 +59,13 @@ class ModelsFolder:
 
     def lora(self, name: str) -> Path:
         return self.root / "loras" / name
+
+    def noise_level(self, name: str) -> Path:
+        return self.root / "noise_level" / name
+
+    def noise_levels(self, names: list[str]) -> dict[str, Path]:
+        """The noise level estimators present for the adapters ``names``, by adapter."""
+        return {n: self.noise_level(n) for n in names if (self.noise_level(n) / "config.json").is_file()}
 
     def baseline(self, name: str) -> Path:
         return self.root / "baselines" / name

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.composition import AdapterComposition
+from pipeline.models.composition import NOISE_LEVELS, AdapterComposition
 from pipeline.models.export import OnnxEngine, check_engine
 from pipeline.models.folder import ModelsFolder
 from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
@@ -58,6 +58,9 @@ class RestorationSettings:
             to apply — each step a group of adapters merged in equal parts: ``[["rain"], ["haze"]]`` is rain
             then haze, ``[["lowlight", "noise"]]`` both at once. Chosen on validation by
             ``select_restoration``.
+        noise_level: what sets the timestep of an adapter with the ``noise_sigma`` rule: its ``learned``
+            ``NoiseLevelEstimator`` (``fit_noise_level``; reads noise that JPEG or blur went over) or the
+            ``analytic`` σ̂ (white noise only).
     """
 
     policy: str = "gated"
@@ -67,6 +70,7 @@ class RestorationSettings:
     unknown: str = "identity"
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
     plans: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    noise_level: str = "learned"
 
     def __post_init__(self):
         checks = [(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"),
@@ -74,7 +78,8 @@ class RestorationSettings:
                   (self.mix_threshold is None or 0 <= self.mix_threshold <= 1,
                    f"mix_threshold must be in [0, 1], got {self.mix_threshold!r}"),
                   (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
-                  (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}")]
+                  (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}"),
+                  (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -333,7 +338,8 @@ class UniversalRestorer:
         names = folder.check(router=router)
         if settings is None and (folder.root / SETTINGS_FILE).is_file():
             settings = RestorationSettings.load(folder.root / SETTINGS_FILE)
-        composition = AdapterComposition.from_pretrained(folder.backbone, {n: folder.lora(n) for n in names})
+        composition = AdapterComposition.from_pretrained(folder.backbone, {n: folder.lora(n) for n in names},
+                                                         folder.noise_levels(names))
         return cls(composition, DegradationRouter.from_pretrained(folder.router) if router else None,
                    settings=settings, **kwargs)
 
@@ -407,7 +413,8 @@ class UniversalRestorer:
     def restore_tensor(self, x: torch.Tensor, steps: list[dict[str, float]],
                        on_tile: Callable[[int], None] | None = None) -> torch.Tensor:
         """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another."""
-        context = ("restoration", self.composition, self.tile, self.overlap, self.batch_size, self.engine, self.precision)
+        context = ("restoration", self.composition, self.tile, self.overlap, self.batch_size, self.engine, self.precision,
+                   self.settings.noise_level)
         source, done = x, ()
         for mix in steps:
             vector = self.composition.weights_for(mix).to(self.device)
@@ -425,10 +432,10 @@ class UniversalRestorer:
 
     def _network(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         if self.engine == "torch":
-            return self.composition.restore(y, vector)
+            return self.composition.restore(y, vector, self.settings.noise_level)
         if self._onnx is None:
             self._onnx = OnnxEngine(self.composition, self.engine, self.precision)
-        return self._onnx.restore(y, vector)
+        return self._onnx.restore(y, vector, self.settings.noise_level)
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
         """Tiles restoring an image of ``image_shape`` (H, W, ...) in ``steps`` steps takes: for progress bars."""
