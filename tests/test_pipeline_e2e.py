@@ -129,9 +129,10 @@ def test_changing_one_degradation_invalidates_only_its_stages(smoke_repo):
         params_file.write_text(original)
     assert {s for s in changed if s.startswith("synthesize@")} == {"synthesize@jpeg"}
     assert not {s for s in changed if s.startswith("train_lora@")}, "no other adapter retrains"
-    # the mixes, and whatever reads every degradation's definition (baselines on the union, router, evaluation)
-    assert changed == {"synthesize@jpeg", "synthesize_mixed", "train_multitask", "train_shared_lora", "fit_router",
-                       "select_restoration", "evaluate"}
+    # the mixes, and whatever reads every degradation's definition (baselines on the union, the noise level
+    # estimator's mixed patches, router, evaluation)
+    assert changed == {"synthesize@jpeg", "synthesize_mixed", "train_multitask", "train_shared_lora", "fit_noise_level",
+                       "fit_router", "select_restoration", "evaluate"}
 
 
 def test_models_are_on_disk_in_their_formats(smoke_repo):
@@ -145,13 +146,17 @@ def test_models_are_on_disk_in_their_formats(smoke_repo):
     assert (repo / "models/baselines/multitask/diffusion_pytorch_model.safetensors").is_file()
     assert (repo / "models/baselines/shared_lora/adapter_model.safetensors").is_file()
     assert {p.name for p in (repo / "models/router").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    noise_sigma = [d for d, c in params["degradations"].items() if c["adapter"].get("timestep") == "noise_sigma"]
+    assert noise_sigma and sorted(p.name for p in (repo / "models/noise_level").iterdir()) == sorted(noise_sigma)
+    for name in noise_sigma:
+        assert {p.name for p in (repo / "models/noise_level" / name).iterdir()} == {"config.json", "model.safetensors", "README.md"}
     assert (repo / "reports/backbone_samples.png").is_file()
 
 
 def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo):
     repo, _ = smoke_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    stages = ["pretrain_backbone", "train_multitask", "train_shared_lora", "fit_router", "evaluate"]
+    stages = ["pretrain_backbone", "train_multitask", "train_shared_lora", "fit_noise_level", "fit_router", "evaluate"]
     stages += [f"train_lora@{d}" for d in params["degradations"]]
     experiment = json.loads((repo / "reports/wandb/pretrain_backbone.json").read_text())["group"]
     assert experiment and not experiment.startswith("repro-"), "the `dvc exp run` names the group"
@@ -163,9 +168,9 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
         assert list((repo / pointer["dir"]).glob("*.wandb")), stage
 
 
-METHODS = ["input", "oracle_sequential", "oracle_weights", "oracle_planned", "uir_lora", "uir_lora_top1",
-           "uir_lora_gated_sequential", "uir_lora_gated_weights", "uir_lora_gated_planned", "uir_lora_paper", "multitask",
-           "shared_lora"]
+METHODS = ["input", "oracle_sequential", "oracle_weights", "oracle_planned", "oracle_analytic", "uir_lora",
+           "uir_lora_top1", "uir_lora_gated_sequential", "uir_lora_gated_weights", "uir_lora_gated_planned",
+           "uir_lora_paper", "uir_lora_analytic", "multitask", "shared_lora"]
 
 
 def test_evaluation_writes_every_output(smoke_repo):
