@@ -189,3 +189,62 @@ def test_the_composition_sets_the_noise_timestep_by_the_estimator_it_is_asked_fo
         composition.timesteps(noise, y, "oracle")
     with pytest.raises(ValueError, match="not adapters here"):
         AdapterComposition(composition.model, ["noise", "blur"], [120, 120], readout, noise_levels={"rain": estimator})
+
+
+def _with_noise_estimator(tiny_models, tmp_path):
+    """``tiny_models`` with its noise adapter on the ``noise_sigma`` rule and an estimator at 3× the analytic σ̂."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    settings_file = models / "loras" / "noise" / "restoration.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "timestep": "noise_sigma"}))
+    estimator = NoiseLevelEstimator(NoiseLevelConfig(adapter="noise", hidden=8))
+    with torch.no_grad():
+        estimator.mlp[-1].bias.fill_(float(np.log(3.0)))
+    estimator.save_pretrained(models / "noise_level" / "noise", card="# estimator\n")
+    return models
+
+
+def test_restoration_uses_the_estimator_the_settings_name_and_caches_them_apart(tiny_models, tmp_path):
+    from pipeline.models.restorer import RestorationCache, UniversalRestorer
+
+    from .images import rgb
+
+    models = _with_noise_estimator(tiny_models, tmp_path)
+    image = rgb(40, 56, seed=8)
+    cached = UniversalRestorer.from_pretrained(models, tile=32, overlap=8, cache=RestorationCache())
+    learned = cached.restore(image, weights={"noise": 1.0})
+    analytic = cached.with_settings(noise_level="analytic").restore(image, weights={"noise": 1.0})
+    assert not np.array_equal(learned, analytic)
+    fresh = UniversalRestorer.from_pretrained(models, tile=32, overlap=8)
+    assert np.array_equal(fresh.with_settings(noise_level="analytic").restore(image, weights={"noise": 1.0}), analytic)
+    assert np.array_equal(fresh.restore(image, weights={"noise": 1.0}), learned)
+    (models / "noise_level" / "noise" / "config.json").unlink()
+    without = UniversalRestorer.from_pretrained(models, tile=32, overlap=8)
+    with pytest.raises(ValueError, match="fit_noise_level"):
+        without.restore(image, weights={"noise": 1.0})
+    assert without.with_settings(noise_level="analytic").restore(image, weights={"noise": 1.0}).shape == image.shape
+
+
+def test_uir_ship_and_info_carry_the_noise_level_estimator(tiny_models, tmp_path, capsys):
+    import json
+    import shutil
+
+    from .test_restore import _run_cli
+
+    trained, target = _with_noise_estimator(tiny_models, tmp_path), tmp_path / "shipped"
+    shutil.copytree(tiny_models / "backbone", target / "backbone")
+    (trained / "restoration.json").write_text(json.dumps({"policy": "gated"}))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "fit_noise_level.json").write_text(json.dumps({"noise": {"val/regret_db_estimator": 0.21,
+                                                                        "val/regret_db_analytic": 0.46}}))
+    code, out, _ = _run_cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(reports)], capsys)
+    assert code == 0, out
+    assert (target / "noise_level" / "noise" / "model.safetensors").read_bytes() == \
+        (trained / "noise_level" / "noise" / "model.safetensors").read_bytes()
+    assert "| noise | 0.210 | 0.460 |" in (target / "README.md").read_text()
+    code, out, _ = _run_cli(["info", "--models", str(target)], capsys)
+    assert code == 0 and "t(σ) learned" in out and "noise timestep: learned" in out
