@@ -128,3 +128,22 @@ def test_the_results_table_over_seeds_reads_each_run_from_its_file(tmp_path, mon
     assert f"| {mean:.2f} ± {std:.2f} |" in text and "old" not in text
     with pytest.raises(FileNotFoundError, match="metrics_9.json is missing"):
         results(["--params", str(ROOT / "params.yaml"), "--over-seeds", "--run", "9=metrics_9.json"])
+
+
+def test_paired_differences_are_per_seed_and_against_an_earlier_run(tmp_path, monkeypatch, capsys):
+    from pipeline.evaluation.results import main as results
+
+    monkeypatch.chdir(tmp_path)
+    for seed, uir in ((1, 22.0), (2, 22.5)):
+        (tmp_path / f"now_{seed}.json").write_text(json.dumps(_metrics(seed, uir)))
+        (tmp_path / f"before_{seed}.json").write_text(json.dumps(_metrics(seed, 21.5)))
+    args = ["--params", str(ROOT / "params.yaml"), "--over-seeds", "--run", "1=now_1.json", "--run", "2=now_2.json",
+            "--paired", "uir_lora-multitask"]
+    results([*args, "--before", "1=before_1.json", "--before", "2=before_2.json"])
+    out = capsys.readouterr().out
+    diff = [22.0 - 21.0, 22.5 - 21.0]
+    assert f"`uir_lora` − `multitask`: single {statistics.mean(diff):.2f} ± {statistics.stdev(diff):.2f} (+1.00, +1.50)" in out
+    assert "`uir_lora`, this run − the earlier: single 0.75 ± 0.35 (+0.50, +1.00)" in out
+    assert "`multitask`, this run − the earlier: single 0.00 ± 0.00" in out
+    with pytest.raises(ValueError, match="earlier runs are of seeds"):
+        results([*args, "--before", "1=before_1.json"])

@@ -7,6 +7,7 @@ over the runs' ``metrics.json`` files given as ``--run SEED=FILE``.
     python -m pipeline.evaluation.results                (or: make results)
     python -m pipeline.evaluation.results --over-seeds   (the last step of make seeds)
     python -m pipeline.evaluation.results --over-seeds --run 1=reports/seeds/metrics_seed1.json --run 2=...
+    python -m pipeline.evaluation.results --over-seeds --run ... --paired uir_lora-multitask [--before 1=FILE ...]
 """
 
 from __future__ import annotations
@@ -115,6 +116,32 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
     return "\n".join(lines)
 
 
+def paired_differences(runs: dict[int, dict], pairs: list[tuple[str, str]],
+                       before: dict[int, dict] | None = None) -> list[str]:
+    """Markdown lines: for each ``(a, b)``, the per-seed differences a − b of test PSNR (dB) on the single and the
+    mixed sets, as mean ± std and per seed; with ``before`` (seed -> an earlier run's metrics.json, the same seeds),
+    also each method's change from that run."""
+    seeds = sorted(runs)
+
+    def line(label: str, diffs: dict[str, list[float]]) -> str:
+        return f"- {label}: " + "; ".join(
+            f"{kind} {_mean_std(values, 2)} ({', '.join(f'{v:+.2f}' for v in values)})" for kind, values in diffs.items())
+
+    lines = [f"Paired over seeds {', '.join(map(str, seeds))} (test PSNR dB, mean ± std, then per seed):"]
+    for a, b in pairs:
+        lines.append(line(f"`{a}` − `{b}`", {kind: [runs[s][kind][a]["psnr"] - runs[s][kind][b]["psnr"] for s in seeds]
+                                             for kind in ("single", "mixed")}))
+    if before is not None:
+        if sorted(before) != seeds:
+            raise ValueError(f"the earlier runs are of seeds {sorted(before)}, these of {seeds}")
+        for method in runs[seeds[0]]["single"]:
+            if all(method in before[s]["single"] for s in seeds):
+                lines.append(line(f"`{method}`, this run − the earlier", {
+                    kind: [runs[s][kind][method]["psnr"] - before[s][kind][method]["psnr"] for s in seeds]
+                    for kind in ("single", "mixed")}))
+    return lines
+
+
 def _sample_lines(sample: str) -> list[str]:
     return [f"![degraded, multi-task, UIR-LoRA, clean](docs/{Path(sample).name})", "",
             f"*{Path(sample).stem.removeprefix('sample_')}: degraded | multi-task | UIR-LoRA | clean.* "
@@ -159,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: HEAD); repeat it for several")
     parser.add_argument("--run", action="append", metavar="SEED=FILE", help="with --over-seeds: this seed's "
                         "metrics.json instead of the experiments'; repeat it for each seed")
+    parser.add_argument("--paired", action="append", metavar="A-B", help="with --over-seeds: print the per-seed "
+                        "differences of methods A and B (e.g. uir_lora-multitask) instead of writing the README")
+    parser.add_argument("--before", action="append", metavar="SEED=FILE", help="with --paired: an earlier run's "
+                        "metrics.json of that seed; each method's change from it is printed too")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.over_seeds:
@@ -170,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             runs = seed_runs(exp_show(args.json, args.rev), args.params)
         if len(runs) < 2:
             raise SystemExit(f"{len(runs)} run(s) with this workspace's params: run `make seeds` first")
+        if args.paired:
+            before = {int(seed): read_json(path, stage="evaluate") for seed, path in
+                      (r.split("=", 1) for r in args.before)} if args.before else None
+            print("\n".join(paired_differences(runs, [tuple(p.split("-", 1)) for p in args.paired], before)))
+            return
         sample = Path("docs") / f"sample_{args.sample_set}.png"
         _write_block(Path(args.readme), over_seeds_markdown(runs, params, str(sample) if sample.is_file() else None))
         print(f"updated {args.readme}: {len(runs)} seeds ({', '.join(map(str, sorted(runs)))})")
