@@ -153,6 +153,7 @@ class RouterTrain(Optimisation):
     max_steps: int = PositiveInt
     mixed_patches: int = Field(ge=0)
     mixed_val_patches: int = Field(ge=0)
+    mix_orders: Literal["listed", "both"]  # each pair of degradations applied in the listed order, or in both
     tone_patches: int = Field(ge=0)
     tone: Optional[ToneRanges]
 

@@ -1,7 +1,7 @@
 """DVC stage ``fit_router``: the degradation-aware router over the trained degradations.
 
 Trained on the single-degradation training sets, plus (``router.train.mixed_patches`` > 0) random
-pairs of degradations (in either order) applied to clean training patches, labelled with both components, plus the clean
+pairs of degradations (in the listed order, or in both: ``router.train.mix_orders``) applied to clean training patches, labelled with both components, plus the clean
 patches themselves, labelled "clean", plus (``router.train.tone_patches`` > 0) singles and clean patches
 whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes).
 The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = params.synthesis
     tone = ToneJitter(tuple(cfg.train.tone.gamma), tuple(cfg.train.tone.gain)) if cfg.train.tone else None
     drawn = {  # per split, the sets made in memory: (combos, count, random stream, tone change)
-        "train": {"mixes": (pairs(names), cfg.train.mixed_patches, "mixed-patches", tone),
+        "train": {"mixes": (pairs(names, cfg.train.mix_orders == "both"), cfg.train.mixed_patches, "mixed-patches", tone),
                   "toned": ([(n,) for n in names] + [()], cfg.train.tone_patches, "toned-patches", tone)},
-        "val": {"mixes": (pairs(names), cfg.train.mixed_val_patches, "mixed-patches", None)}}
+        "val": {"mixes": (pairs(names, cfg.train.mix_orders == "both"), cfg.train.mixed_val_patches, "mixed-patches", None)}}
     parts = {}  # per split: singles, mixes, clean, tone-changed singles and clean (those drawn only if any)
     for split, size in (("train", sizes.patch_size), ("val", sizes.eval_crop))[1 if cfg.pretrained else 0:]:
         made = {kind: patch_set(params, names, args.clean, split, combos, count, size, stream, jitter)

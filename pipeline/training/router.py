@@ -7,7 +7,7 @@ false-mix rate; clean images at a bounded false-clean rate)."""
 from __future__ import annotations
 
 from dataclasses import fields
-from itertools import permutations
+from itertools import combinations, permutations
 from pathlib import Path
 
 import lightning as L
@@ -114,14 +114,16 @@ class RouterTraining(L.LightningModule):
                 "lr_scheduler": warmup_cosine(optimizer, self.hparams.warmup_steps, self.hparams.max_steps)}
 
 
-def pairs(names: list[str]) -> list[tuple[str, str]]:
-    """Every pair of degradations in both orders (the first applied first).
+def pairs(names: list[str], both_orders: bool = False) -> list[tuple[str, str]]:
+    """Every pair of degradations, applied in ``names`` order, or in both orders (the first applied first).
 
-    Which one comes last changes what a mix looks like: noise added to a dark photo is full-strength noise,
-    a noisy photo darkened is faint noise. A router trained on one order per pair (``names`` order, the rule
-    before) found the low light of 5 of 28 validation crops darkened then noised, against 24 of 28 noised then
-    darkened, and the blur of none of 28 blurred then noised."""
-    return list(permutations(names, 2))
+    Which one comes last changes what a mix looks like: noise added to a dark photo is full-strength noise, a
+    noisy photo darkened is faint noise. The router trained on one order per pair found the low light of 5 of 28
+    validation crops darkened then noised, against 24 of 28 noised then darkened. Trained on both orders
+    (``router.train.mix_orders: both``, the shipped recipe otherwise unchanged), it found 7 of 24 on seed 20240930's
+    validation crops (4 before), called more degraded crops clean at its calibrated threshold and restored
+    that seed's validation sets 0.13 dB (singles) and 0.16 dB (mixes) worse: not shipped."""
+    return list(permutations(names, 2)) if both_orders else list(combinations(names, 2))
 
 
 def patch_set(params, names: list[str], clean_dir: str, split: str, combos: list[tuple[str, ...]], count: int,
