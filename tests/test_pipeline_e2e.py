@@ -265,8 +265,12 @@ def test_an_inference_setting_reruns_only_the_selection_and_the_evaluation(smoke
     repo, env = smoke_repo
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "--allow-empty", "-m", "smoke baseline"], repo, env)
-    # DVC composes conf/ afresh for every experiment: the profile must be named again.
-    out = _dvc("exp", "run", "-S", "profile=smoke", "-S", "restoration.choose_on_validation=false", cwd=repo, env=env).stdout
+    # A policy other than the one validation chose, so that the shipped restoration surely changes: `topk` gives
+    # every image two adapters, `top1` one. DVC composes conf/ afresh for every experiment: name the profile again.
+    chosen = json.loads((repo / "models/restoration.json").read_text())["policy"]
+    policy = ["restoration.policy=top1"] if chosen == "topk" else ["restoration.policy=topk", "restoration.composition=weights"]
+    overrides = [arg for setting in ["profile=smoke", "restoration.choose_on_validation=false", *policy] for arg in ("-S", setting)]
+    out = _dvc("exp", "run", *overrides, cwd=repo, env=env).stdout
     assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == \
         {"select_restoration", "evaluate"}
     diff = _dvc("metrics", "diff", "--md", cwd=repo, env=env).stdout
