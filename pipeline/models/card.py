@@ -49,6 +49,34 @@ def _data_section(data: Mapping[str, Any]) -> str:
             f"SHA-256 over the images' names and PNG bytes (sorted by name): `{data['sha256']}`")
 
 
+def _run(run: Mapping[str, Any]) -> str:
+    """The W&B run that logged the training, as a card names it."""
+    return (f"`{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}"
+            f"{', ' + run['url'] if run.get('url') else ''})")
+
+
+def _closing_sections(config: Mapping[str, Any], validated_on: str, rows: str, command: str) -> str:
+    """A card's configuration, validation table and reproduce sections."""
+    return f"""## Configuration
+
+```json
+{json.dumps(dict(config), indent=2)}
+```
+
+## Validation ({validated_on})
+
+| metric | value |
+|---|---|
+{rows}
+
+## Reproduce
+
+```bash
+{command}
+```
+"""
+
+
 def backbone_card(architecture: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int,
                   seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any],
                   command: str) -> str:
@@ -69,7 +97,7 @@ trained by the `pretrain_backbone` stage of uir-lora. Load it with `UNet2DModel.
 - steps: {steps} (batch {train['batch_size']}, patches {train['patch_size']}², AdamW lr {train['lr']}, warm-up {train['warmup_steps']},
   cosine decay, EMA {train['ema_decay']}; the EMA weights are these)
 - wall time: {seconds / 60:.1f} min on {hardware()}
-- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+- W&B run: {_run(run)}
 
 ## Architecture
 
@@ -114,26 +142,10 @@ patches; the unknown, mix and clean thresholds were calibrated on the same folde
 - steps: {steps} (batch {train['batch_size']}, AdamW lr {train['lr']}, weight decay {train['weight_decay']}, warm-up
   {train['warmup_steps']}, cosine decay; {train['mixed_patches']} mixed patches)
 - wall time: {seconds / 60:.1f} min on {hardware()}
-- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+- W&B run: {_run(run)}
 
-## Configuration
-
-```json
-{json.dumps(dict(config), indent=2)}
-```
-
-## Validation (the `val` split: `val/` as logged during training, the rest at the calibrated thresholds)
-
-| metric | value |
-|---|---|
-{rows}
-
-## Reproduce
-
-```bash
-{command}
-```
-"""
+""" + _closing_sections(config, "the `val` split: `val/` as logged during training, the rest at the calibrated "
+                                  "thresholds", rows, command)
 
 
 def noise_level_card(config: Mapping[str, Any], settings: Mapping[str, Any], steps: int, seconds: float,
@@ -153,32 +165,16 @@ Load it with `NoiseLevelEstimator.from_pretrained` (this folder).
 
 {settings['train_patches']} patches of {settings['patch_size']}², {settings['alone_share']:.0%} with the adapter's degradation alone,
 the rest with one other degradation before or after it; each labelled by the adapter's PSNR at
-{metrics.get('grid_timesteps', '?'):.0f} timesteps (σ {settings['sigma_range'][0]}–{settings['sigma_range'][1]} on the 0–255 scale).
+{metrics['grid_timesteps']:.0f} timesteps (σ {settings['sigma_range'][0]}–{settings['sigma_range'][1]} on the 0–255 scale).
 
 ## Training
 
 - steps: {steps} (batch {settings['train']['batch_size']}, AdamW lr {settings['train']['lr']}, L1 on log σ of the best timestep)
 - wall time: {seconds / 60:.1f} min on {hardware()}, labelling included
-- W&B run: `{run.get('run_id')}` (project `{run.get('project')}`, {run.get('mode')}{', ' + run['url'] if run.get('url') else ''})
+- W&B run: {_run(run)}
 
-## Configuration
-
-```json
-{json.dumps(dict(config), indent=2)}
-```
-
-## Validation (patches of the `val` split; regret: PSNR lost at the chosen timestep against the best of the grid)
-
-| metric | value |
-|---|---|
-{rows}
-
-## Reproduce
-
-```bash
-{command}
-```
-"""
+""" + _closing_sections(config, "patches of the `val` split; regret: PSNR lost at the chosen timestep against the "
+                                  "best of the grid", rows, command)
 
 
 def append_validation(card: str, metrics: Mapping[str, float], where: str, digits: int = 2) -> str:

@@ -18,19 +18,15 @@ features say white noise, it is the analytic estimate. Training (``pipeline.trai
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from pipeline.files import atomic_dir
+from pipeline.models.pretrained import load_module_files, save_module
 from pipeline.models.severity import estimate_noise_sigma
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 FEATURES = ("log σ̂", "log σ̂(2×) − log σ̂", "log σ̂(4×) − log σ̂", "log blockiness (columns)", "log blockiness (rows)")
 MIN_SIDE = 16  # the 4× downsampled image must still hold a 3×3 Laplacian, the blockiness two 8-pixel blocks
 
@@ -104,18 +100,11 @@ class NoiseLevelEstimator(torch.nn.Module):
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> None:
         """Config and weights, and ``card`` as its README.md where given, written as one folder."""
-        with atomic_dir(path) as tmp:
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-            if card is not None:
-                (tmp / "README.md").write_text(card, encoding="utf-8")
+        save_module(path, self.config, self, card)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "NoiseLevelEstimator":
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path} holds no noise level estimator ({CONFIG_FILE} / {WEIGHTS_FILE}): "
-                                    "run `dvc repro fit_noise_level`")
-        estimator = cls(NoiseLevelConfig(**json.loads((path / CONFIG_FILE).read_text())))
-        estimator.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        fields, state = load_module_files(path, "noise level estimator", "fit_noise_level")
+        estimator = cls(NoiseLevelConfig(**fields))
+        estimator.load_state_dict(state)
         return estimator.eval()

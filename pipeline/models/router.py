@@ -24,19 +24,14 @@ images is called clean) is flagged ``clean``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from pipeline.files import atomic_dir
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from pipeline.models.pretrained import load_module_files, save_module
 
 
 @dataclass
@@ -227,19 +222,12 @@ class DegradationRouter(torch.nn.Module):
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> None:
         """Config and weights, and ``card`` as its README.md where given, written as one folder."""
-        with atomic_dir(path) as tmp:
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-            if card is not None:
-                (tmp / "README.md").write_text(card, encoding="utf-8")
+        save_module(path, self.config, self, card)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "DegradationRouter":
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path} holds no router ({CONFIG_FILE} / {WEIGHTS_FILE}): run `dvc repro fit_router`")
-        config = RouterConfig(**json.loads((path / CONFIG_FILE).read_text()))
-        state = load_file(str(path / WEIGHTS_FILE))
+        fields, state = load_module_files(path, "router", "fit_router")
+        config = RouterConfig(**fields)
         if "presence.weight" not in state:
             raise ValueError(f"{path} holds a router without presence output (an older version): "
                              "run `dvc repro fit_router`")
