@@ -51,13 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
     forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
     # Defaults: the models folder's restoration.json (chosen on validation), else RestorationSettings' defaults.
-    restore.add_argument("--policy", choices=["top1", "gated", "topk"], default=None,
-                         help="routing: top1, gated (a second adapter only for a detected mix) or topk (the paper's)")
+    restore.add_argument("--policy", choices=["top1", "gated", "confirmed", "topk"], default=None,
+                         help="routing: top1, gated (a second adapter only for a detected mix), confirmed (gated, the "
+                              "mix confirmed on the first adapter's restoration) or topk (the paper's)")
     restore.add_argument("--top-k", type=int, default=None, help="adapters kept by topk, and at most by gated")
     restore.add_argument("--mix-threshold", type=float, default=None,
-                         help="gated: second adapter's probability that means a mix (default: the router's)")
-    restore.add_argument("--composition", choices=["sequential", "weights"], default=None,
-                         help="a mix: adapters one after another, or their weights merged (the paper's)")
+                         help="gated, confirmed: second adapter's presence that means a mix (default: the router's)")
+    restore.add_argument("--composition", choices=["sequential", "weights", "planned"], default=None,
+                         help="a mix: adapters one after another, their weights merged (the paper's), or each pair "
+                              "as its plan in the models' restoration.json says")
     restore.add_argument("--unknown", choices=["identity", "route"], default=None,
                          help="when the router does not recognise the degradation: leave the image as it is "
                               "(identity) or restore it anyway (route); an image it finds clean is left as it is "

@@ -147,7 +147,7 @@ def restore_main(args: argparse.Namespace) -> int:
     forced = check_arguments(args)
     settings = restoration_settings(args)
 
-    from pipeline.models.restorer import UniversalRestorer
+    from pipeline.models.restorer import RestorationCache, UniversalRestorer
 
     engine, precision = resolve_engine(args.engine, args.precision, args.device)
     from pipeline.models.folder import SHIPPED
@@ -156,7 +156,8 @@ def restore_main(args: argparse.Namespace) -> int:
         print(f"uir restore: using the shipped models ({SHIPPED.name}); `dvc repro` trains your own", file=sys.stderr)
     restorer = UniversalRestorer.from_pretrained(args.models, router=forced is None, settings=settings, tile=args.tile,
                                                  overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                                                 engine=engine, precision=precision)
+                                                 engine=engine, precision=precision,
+                                                 cache=RestorationCache(max_bytes=1 << 30))  # a confirmed mix's first step
     report = []
     images = tqdm(pairs, desc="restoring", unit="img", file=sys.stderr, disable=len(pairs) < 2, position=0)
     for path, out in images:
@@ -164,7 +165,10 @@ def restore_main(args: argparse.Namespace) -> int:
         try:
             image = read_image(path)
             if forced is None:
-                analysis = restorer.analyse(image)
+                tiles = restorer.tiles(image.shape)
+                with tqdm(total=tiles, desc=f"{path.name} confirming a mix", unit="tile", file=sys.stderr, leave=False,
+                          position=1, disable=settings.policy != "confirmed" or tiles < 8) as bar:
+                    analysis = restorer.analyse(image, on_tile=bar.update)
                 entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown,
                              clean=analysis.clean, presence={n: round(p, 4) for n, p in analysis.presence.items()})
                 flagged = "unknown degradation" if analysis.unknown else "no degradation found" if analysis.clean else ""

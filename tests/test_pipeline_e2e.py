@@ -169,7 +169,7 @@ def test_every_training_and_evaluation_stage_points_at_its_wandb_run(smoke_repo)
 
 
 METHODS = ["input", "oracle_sequential", "oracle_weights", "oracle_planned", "oracle_analytic", "uir_lora",
-           "uir_lora_top1", "uir_lora_gated_sequential", "uir_lora_gated_weights", "uir_lora_gated_planned",
+           "uir_lora_top1", "uir_lora_gated_sequential", "uir_lora_gated_weights", "uir_lora_gated_planned", "uir_lora_confirmed",
            "uir_lora_paper", "uir_lora_analytic", "multitask", "shared_lora"]
 
 

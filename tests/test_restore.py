@@ -291,7 +291,8 @@ def test_gray_with_alpha_and_flat_arrays_keep_their_shape(restorer, tmp_path):
     assert restorer.restore(Image.open(tmp_path / "la.png"), weights={"noise": 1.0}).mode == "LA"
 
 
-@pytest.mark.parametrize("settings", [{"policy": "top1"}, {"policy": "gated"}, {"policy": "topk", "composition": "weights"},
+@pytest.mark.parametrize("settings", [{"policy": "top1"}, {"policy": "gated"}, {"policy": "confirmed", "mix_threshold": 0.0},
+                                      {"policy": "topk", "composition": "weights"},
                                       {"policy": "topk", "composition": "sequential"}])
 def test_a_cached_restorer_restores_exactly_as_without_its_cache(tiny_models, restorer, settings):
     cached = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache())
@@ -299,6 +300,63 @@ def test_a_cached_restorer_restores_exactly_as_without_its_cache(tiny_models, re
     for _ in range(2):  # computed, then from the cache
         assert np.array_equal(cached.with_settings(**settings).restore(image), restorer.with_settings(**settings).restore(image))
     assert cached.cache.hits > 0
+
+
+def _presence_on(restorer, monkeypatch, image, on_image: float, elsewhere: float):
+    """The router's presence is ``on_image`` for every degradation of ``image`` itself and ``elsewhere`` for any
+    other input (such as ``image`` restored by one adapter); its probabilities stay the router's own."""
+    from pipeline.models.restorer import to_float
+
+    route_crops, crops_of_image = restorer.router.route_crops, restorer._route_crops(to_float(image)[0] * 2 - 1)
+
+    def route(crops):
+        routing = route_crops(crops)
+        routing.presence = torch.full_like(routing.presence, on_image if torch.equal(crops, crops_of_image) else elsewhere)
+        return routing
+
+    monkeypatch.setattr(restorer.router, "route_crops", route)
+
+
+@pytest.mark.parametrize("elsewhere,confirmed", [(0.9, True), (0.1, False)])
+def test_confirmed_routing_keeps_a_mix_only_if_the_first_adapters_restoration_still_shows_it(
+        tiny_models, monkeypatch, elsewhere, confirmed):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8,
+                                                 settings=RestorationSettings(mix_threshold=0.5, composition="sequential"))
+    image = rgb(40, 56, seed=8)
+    _presence_on(restorer, monkeypatch, image, on_image=0.9, elsewhere=elsewhere)
+    gated, checked = restorer.with_settings(policy="gated"), restorer.with_settings(policy="confirmed")
+    mix = gated.analyse(image)
+    assert len(mix.weights) == 2 and mix.confirmation == {}, "the gate finds a mix on the image itself"
+    analysis = checked.analyse(image)
+    first, second = mix.ranking[0], mix.ranking[1]
+    assert analysis.confirmation == pytest.approx({second: elsewhere})
+    if confirmed:  # exactly the gated restoration
+        assert analysis.steps == mix.steps and np.array_equal(checked.restore(image), gated.restore(image))
+    else:  # exactly the first adapter alone
+        assert analysis.weights == {first: 1.0} and analysis.steps == [{first: 1.0}]
+        assert np.array_equal(checked.restore(image), restorer.restore(image, weights={first: 1.0}))
+
+
+def test_confirmed_routing_of_a_single_costs_no_restoration(tiny_models, monkeypatch):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
+                                                 settings=RestorationSettings(policy="confirmed", mix_threshold=0.5))
+    image = rgb(40, 56, seed=9)
+    _presence_on(restorer, monkeypatch, image, on_image=0.2, elsewhere=0.9)
+    analysis = restorer.analyse(image)
+    assert len(analysis.weights) == 1 and analysis.confirmation == {}
+    assert restorer.cache.misses == 1, "the routing alone"
+
+
+def test_a_confirmed_mix_reuses_its_first_step_through_the_cache(tiny_models, monkeypatch):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
+                                                 settings=RestorationSettings(policy="confirmed", mix_threshold=0.5))
+    image = rgb(40, 56, seed=10)
+    _presence_on(restorer, monkeypatch, image, on_image=0.9, elsewhere=0.9)
+    analysis = restorer.analyse(image)
+    restorer.restore(image, analysis=analysis)
+    shared = analysis.steps[0] == {analysis.ranking[0]: 1.0}  # the mix starts with the adapter that confirmed it
+    # two routings (the image, its first restoration), the first adapter alone, each step not already done
+    assert restorer.cache.misses == 2 + 1 + len(analysis.steps) - shared
 
 
 def test_the_cache_reuses_steps_and_keeps_images_and_tilings_apart(tiny_models):

@@ -36,6 +36,9 @@ def test_top_k_table(probabilities, k, expected):
     ([[0.29, 0.30, 0.41]], [[0.60, 0.20, 0.70]], "gated", [[0.5, 0.0, 0.5]]),  # the first is the most probable
     ([[0.40, 0.30, 0.30]], [[0.10, 0.25, 0.29]], "gated", [[1.0, 0.0, 0.0]]),  # present or not, the most probable stays
     ([[0.34, 0.33, 0.33]], [[0.9, 0.9, 0.9]], "gated", [[0.5, 0.5, 0.0]]),  # at most top_k, ties to the lower index
+    # confirmed: the gate's choice here; the restorer confirms it on the first adapter's restoration
+    ([[0.55, 0.40, 0.05]], [[0.90, 0.10, 0.80]], "confirmed", [[0.5, 0.0, 0.5]]),
+    ([[0.90, 0.08, 0.02]], [[0.95, 0.05, 0.01]], "confirmed", [[1.0, 0.0, 0.0]]),
     ([[0.55, 0.40, 0.05]], [[0.90, 0.90, 0.00]], "top1", [[1.0, 0.0, 0.0]]),
     ([[0.90, 0.08, 0.02]], [[0.90, 0.00, 0.00]], "topk", [[0.90 / 0.98, 0.08 / 0.98, 0.0]]),  # the paper's: always K
 ])
@@ -45,9 +48,10 @@ def test_routing_policies(probabilities, presence, policy, expected):
     assert torch.allclose(weights, torch.tensor(expected))
 
 
-def test_gated_routing_needs_presence():
+@pytest.mark.parametrize("policy", ["gated", "confirmed"])
+def test_gated_routing_needs_presence(policy):
     with pytest.raises(ValueError, match="presence"):
-        select_adapters(torch.ones(1, 2) / 2, "gated")
+        select_adapters(torch.ones(1, 2) / 2, policy)
 
 
 def test_an_unknown_policy_is_refused():

@@ -3,7 +3,7 @@ degradation (``noise``, ``noise+blur``) to the restored image, all through the r
 
 UIR-LoRA is ``UniversalRestorer.restore`` exactly as ``uir restore`` runs it (the settings chosen on
 validation, unknown-degradation fallback included), beside its variants — top-1 routing; gated routing
-with each composition; the paper's top-K weight-space mix; the noise adapter's timestep from the analytic σ̂
+with each composition; confirmed routing; the paper's top-K weight-space mix; the noise adapter's timestep from the analytic σ̂
 instead of its learned estimator — and the oracle (the true adapters) with each composition. A baseline is data: every ``models/baselines/<name>/`` folder with a
 ``restoration.json`` (``kind``: ``unet`` for a full UNet2DModel, ``lora`` for a PEFT adapter on the
 backbone; ``t_star``; ``label``) is evaluated, so adding one takes its stage, its params and its
@@ -79,13 +79,15 @@ def load_methods(models: str | Path, settings: RestorationSettings | None = None
         "uir_lora_top1": ("UIR-LoRA, top-1 routing", restorer.with_settings(policy="top1")),
         **{f"uir_lora_gated_{c}": (f"UIR-LoRA, gated routing, {c} mixing", restorer.with_settings(policy="gated", composition=c))
            for c in ("sequential", "weights", "planned")},
+        "uir_lora_confirmed": ("UIR-LoRA, confirmed routing (a mix confirmed on the first adapter's restoration), planned mixing",
+                               restorer.with_settings(policy="confirmed", composition="planned")),
         "uir_lora_paper": (f"UIR-LoRA as in the paper (top-{shipped.top_k}, weight-space mixing)",
                            restorer.with_settings(policy="topk", composition="weights")),
         "uir_lora_analytic": ("UIR-LoRA as shipped, the noise timestep from the analytic σ̂",
                               restorer.with_settings(noise_level="analytic")),
     }
     oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights", "planned")}
-    threshold = "" if shipped.policy != "gated" else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
+    threshold = "" if shipped.policy not in ("gated", "confirmed") else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
     methods = [
         Method("input", "degraded input", lambda image, truth: image),
         *[Method(f"oracle_{c}", f"oracle: the true adapters, {c} mixing",

@@ -97,7 +97,7 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
     router = {k: [runs[s]["router"][k] for s in seeds] for k in ("top1_accuracy", "mix_recall", "unknown_rate",
                                                                  "single_given_two_or_more", "mixed_given_two_or_more")}
     chosen = "; ".join(f"{s}: {runs[s]['restoration']['policy']}, {runs[s]['restoration']['composition']}"
-                       + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] == "gated" else "")
+                       + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] in ("gated", "confirmed") else "")
                        + (", unknown routed" if runs[s]["restoration"].get("unknown") == "route" else "")
                        + f", {runs[s]['restoration'].get('noise_level', 'analytic')} noise level"
                        for s in seeds)

@@ -43,8 +43,10 @@ class RestorationSettings:
     """How UIR-LoRA turns the router's opinion into a restoration (``restoration`` in params.yaml).
 
     Args:
-        policy: ``top1``, ``gated`` (a second adapter only when its probability reaches the mix threshold)
-            or ``topk`` (the paper's: the ``top_k`` most probable, renormalised).
+        policy: ``top1``, ``gated`` (a second adapter only when its presence reaches the mix threshold),
+            ``confirmed`` (gated, and the second adapter's presence still reaches it once the first adapter
+            alone has restored the image: a single that merely looks like a mix is not given two), or ``topk``
+            (the paper's: the ``top_k`` most probable, renormalised).
         top_k: adapters kept by ``topk``, and at most by ``gated``.
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
@@ -128,6 +130,9 @@ class Analysis:
     clean: bool = False  # the router's probability of a clean image reached its calibrated threshold
     unchanged: bool = False  # clean, or unknown with ``unknown: identity``: left as it is
     steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
+    # policy ``confirmed``: each adapter the gate added, its presence once the first adapter alone has restored
+    # the image (kept at or above the mix threshold)
+    confirmation: dict[str, float] = field(default_factory=dict)
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -367,7 +372,7 @@ class UniversalRestorer:
         return torch.stack([x[:, t : t + size_h, l : l + size_w] for t in tops for l in lefts])
 
     @torch.no_grad()
-    def _analyse(self, x: torch.Tensor) -> Analysis:
+    def _analyse(self, x: torch.Tensor, on_tile: Callable[[int], None] | None = None) -> Analysis:
         if self.router is None:
             raise ValueError("no router loaded: force an adapter (--lora / --mix, or weights=...)")
         routing = self._cached(("routing", self.router), x, lambda: self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device)))
@@ -375,20 +380,31 @@ class UniversalRestorer:
         threshold = self.router.config.mix_threshold if settings.mix_threshold is None else settings.mix_threshold
         weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold, routing.presence)[0]
         chosen = {n: float(w) for n, w in zip(self.names, weights) if w > 0}
+        ranking = [self.names[i] for i in routing.ranking()[0]]
+        unchanged = bool(routing.clean[0]) or (bool(routing.unknown[0]) and settings.unknown == "identity")
 
         def by_name(values: torch.Tensor) -> dict[str, float]:
             return {n: float(v) for n, v in zip(self.names, values[0])}
 
+        confirmation = {}
+        if settings.policy == "confirmed" and len(chosen) > 1 and not unchanged:
+            first = ranking[0]
+            restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
+            after = self._cached(("routing", self.router), restored,
+                                 lambda: self.router.route_crops(self._route_crops(restored * 2 - 1).to(self.device)))
+            confirmation = {n: p for n, p in by_name(after.presence).items() if n in chosen and n != first}
+            kept = [first] + [n for n, p in confirmation.items() if p >= threshold]
+            chosen = {n: 1.0 / len(kept) for n in kept}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),
-                        ranking=[self.names[i] for i in routing.ranking()[0]],
-                        unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
-                        unchanged=bool(routing.clean[0]) or (bool(routing.unknown[0]) and settings.unknown == "identity"),
-                        steps=self.steps(chosen))
+                        ranking=ranking, unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
+                        unchanged=unchanged, steps=self.steps(chosen), confirmation=confirmation)
 
-    def analyse(self, image: Any) -> Analysis:
-        """What the router says of ``image`` and which adapters ``restore`` will apply, in order."""
-        return self._analyse(to_float(image)[0])
+    def analyse(self, image: Any, on_tile: Callable[[int], None] | None = None) -> Analysis:
+        """What the router says of ``image`` and which adapters ``restore`` will apply, in order. Under the
+        ``confirmed`` policy a detected mix costs one restoration by the first adapter (``on_tile`` counts
+        its tiles); a restorer with a ``cache`` reuses it when the mix's first step is that adapter."""
+        return self._analyse(to_float(image)[0], on_tile)
 
     def route(self, image: Any) -> dict[str, float]:
         """The adapter weights by degradation name (summing to one)."""

@@ -1,7 +1,8 @@
 """The degradation-aware router: an image encoder maps a degraded image to an embedding ``d``; each
 degradation has a prototype ``b_i``; similarities ``s = d̂·B̂ᵀ / τ`` (cosine over a temperature) are
 turned into probabilities over the trained LoRAs (a softmax), then into the adapters to apply by a
-routing policy (``select_adapters``): the paper's top-K, top-1, or ``gated``.
+routing policy (``select_adapters``): the paper's top-K, top-1, ``gated``, or ``confirmed`` (gated, each
+added adapter confirmed on the image the first one restored: ``UniversalRestorer``).
 
 A softmax trained on singles and mixes cannot say whether an image holds one degradation or two: a
 mix's target (uniform over its components) and an ambiguous single look alike. So the router has a
@@ -59,7 +60,7 @@ class RouterConfig:
 CLEAN_DESCRIPTION = "a clean, sharp, well-exposed photograph without any degradation"
 
 
-POLICIES = ("top1", "gated", "topk")
+POLICIES = ("top1", "gated", "confirmed", "topk")
 CLEAN_OUTPUTS = ("prototype", "presence")
 
 
@@ -117,17 +118,18 @@ def select_adapters(probabilities: torch.Tensor, policy: str, top_k: int = 2, mi
 
     ``topk``: the ``top_k`` most probable, weighted by their renormalised ``probabilities`` (the paper).
     ``top1``: the most probable alone. ``gated``: the most probable, plus the next ones by ``presence``
-    (up to ``top_k`` in all) whose presence reaches ``mix_threshold``, in equal parts. Ties keep the lower
-    index (a stable sort), so routing is deterministic.
+    (up to ``top_k`` in all) whose presence reaches ``mix_threshold``, in equal parts; ``confirmed`` keeps the
+    same here (the restorer then drops each added adapter whose degradation is gone once the first adapter
+    has restored the image). Ties keep the lower index (a stable sort), so routing is deterministic.
     """
     if policy not in POLICIES:
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
     if top_k < 1:
         raise ValueError(f"top-K needs K >= 1, got {top_k}")
     k = 1 if policy == "top1" else min(top_k, probabilities.shape[-1])
-    if policy == "gated":
+    if policy in ("gated", "confirmed"):
         if presence is None:
-            raise ValueError("gated routing needs the router's presence probabilities")
+            raise ValueError(f"{policy} routing needs the router's presence probabilities")
         order = _ranking(probabilities, presence)[:, :k]
         keep = (presence.gather(-1, order) >= mix_threshold).float()
         keep[:, 0] = 1.0
