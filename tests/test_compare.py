@@ -145,5 +145,9 @@ def test_paired_differences_are_per_seed_and_against_an_earlier_run(tmp_path, mo
     assert f"`uir_lora` − `multitask`: single {statistics.mean(diff):.2f} ± {statistics.stdev(diff):.2f} (+1.00, +1.50)" in out
     assert "`uir_lora`, this run − the earlier: single 0.75 ± 0.35 (+0.50, +1.00)" in out
     assert "`multitask`, this run − the earlier: single 0.00 ± 0.00" in out
-    with pytest.raises(ValueError, match="earlier runs are of seeds"):
+    with pytest.raises(SystemExit, match="earlier runs are of seeds"):
         results([*args, "--before", "1=before_1.json"])
+    with pytest.raises(SystemExit, match="no method 'oracle' in the run.s. of seed 1, 2; methods: uir_lora, multitask"):
+        results([*args[:-1], "oracle-uir_lora"])
+    with pytest.raises(SystemExit, match="two method names"):
+        results([*args[:-1], "uir_lora"])

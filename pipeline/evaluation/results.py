@@ -128,6 +128,11 @@ def paired_differences(runs: dict[int, dict], pairs: list[tuple[str, str]],
         return f"- {label}: " + "; ".join(
             f"{kind} {_mean_std(values, 2)} ({', '.join(f'{v:+.2f}' for v in values)})" for kind, values in diffs.items())
 
+    for method in {m for pair in pairs for m in pair}:
+        lacking = [s for s in seeds if method not in runs[s]["single"]]
+        if lacking:
+            raise ValueError(f"no method {method!r} in the run(s) of seed {', '.join(map(str, lacking))}; "
+                             f"methods: {', '.join(runs[lacking[0]]['single'])}")
     lines = [f"Paired over seeds {', '.join(map(str, seeds))} (test PSNR dB, mean ± std, then per seed):"]
     for a, b in pairs:
         lines.append(line(f"`{a}` − `{b}`", {kind: [runs[s][kind][a]["psnr"] - runs[s][kind][b]["psnr"] for s in seeds]
@@ -205,7 +210,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.paired:
             before = {int(seed): read_json(path, stage="evaluate") for seed, path in
                       (r.split("=", 1) for r in args.before)} if args.before else None
-            print("\n".join(paired_differences(runs, [tuple(p.split("-", 1)) for p in args.paired], before)))
+            pairs = [tuple(p.split("-", 1)) for p in args.paired]
+            if any(len(pair) != 2 for pair in pairs):
+                raise SystemExit(f"--paired takes A-B (two method names), got {args.paired}")
+            try:
+                print("\n".join(paired_differences(runs, pairs, before)))
+            except ValueError as error:
+                raise SystemExit(f"results --paired: {error}") from None
             return
         sample = Path("docs") / f"sample_{args.sample_set}.png"
         _write_block(Path(args.readme), over_seeds_markdown(runs, params, str(sample) if sample.is_file() else None))
