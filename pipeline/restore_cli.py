@@ -170,7 +170,8 @@ def restore_main(args: argparse.Namespace) -> int:
                           position=1, disable=settings.policy != "confirmed" or tiles < 8) as bar:
                     analysis = restorer.analyse(image, on_tile=bar.update)
                 entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown,
-                             clean=analysis.clean, presence={n: round(p, 4) for n, p in analysis.presence.items()})
+                             clean=analysis.clean, presence={n: round(p, 4) for n, p in analysis.presence.items()},
+                             confirmation={n: round(p, 4) for n, p in analysis.confirmation.items()})
                 flagged = "unknown degradation" if analysis.unknown else "no degradation found" if analysis.clean else ""
                 applied = " then ".join(", ".join(f"{n} {w:.2f}" for n, w in step.items()) for step in analysis.steps)
                 described = f"{flagged} (left unchanged)" if analysis.unchanged else \

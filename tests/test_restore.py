@@ -207,6 +207,17 @@ def test_cli_info_prints_the_plans_of_planned_mixing(tiny_models, tmp_path, caps
     assert code == 0 and "plans     blur+noise: blur+noise" in out
 
 
+def test_cli_confirmed_policy_reports_the_confirmation_and_restores_as_the_api(tmp_path, tiny_models, capsys):
+    Image.fromarray(rgb(40, 56, seed=11)).save(tmp_path / "a.png")
+    code, out, _ = _run_cli(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--models", str(tiny_models),
+                             "--tile", "32", "--overlap", "8", "--policy", "confirmed", "--mix-threshold", "0", "--json"], capsys)
+    entry = json.loads(out)[0]
+    assert code == 0 and len(entry["weights"]) == 2 and len(entry["confirmation"]) == 1  # threshold 0: always confirmed
+    api = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8,
+                                           settings=RestorationSettings(policy="confirmed", mix_threshold=0.0))
+    assert np.array_equal(read_image(tmp_path / "o/a.png"), api.restore(read_image(tmp_path / "a.png")))
+
+
 def test_uir_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "restore" in result.stdout and "info" in result.stdout
@@ -409,9 +420,37 @@ def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path)
     expected = [np.mean(list(mean_psnr(restorer.with_settings(**{"composition": "sequential", **c}), sets).values()))
                 for c in candidates]
     assert [r["mean_psnr"] for r in rows] == pytest.approx(expected)
+    assert [r["adapters_per_image"] for r in rows] == [1.0, 2.0, 2.0]
+    # one image per set: no spread to measure, so no standard error; the best mean goes
+    assert [r["standard_error_to_best"] for r in rows] == [0.0, 0.0, 0.0]
     assert best == int(np.argmax(expected)) and chosen.policy == candidates[best]["policy"]
     chosen.save(tmp_path / SETTINGS_FILE)
     assert RestorationSettings.load(tmp_path / SETTINGS_FILE) == chosen
+
+
+_BEST = {"a": np.array([30.0, 31.0, 32.0, 33.0]), "b": np.array([20.0, 20.0, 21.0, 21.0])}
+
+
+@pytest.mark.parametrize("others,adapters,expected", [
+    # within one standard error and fewer adapters: the simpler goes
+    ([{"a": _BEST["a"] + [0.3, -0.3, 0.2, -0.4], "b": _BEST["b"]}], [1.5, 1.2], 1),
+    # the same difference on every image has no spread: a real loss, the best goes
+    ([{"a": _BEST["a"] - 0.1, "b": _BEST["b"]}], [1.5, 1.2], 0),
+    # within one standard error but more adapters: the best goes
+    ([{"a": _BEST["a"] + [0.3, -0.3, 0.2, -0.4], "b": _BEST["b"]}], [1.2, 1.5], 0),
+    # beyond one standard error, however simple
+    ([{"a": _BEST["a"] - [0.0, 0.0, 3.0, 9.0], "b": _BEST["b"] - 1.0}], [1.5, 0.0], 0),
+    # two within reach, equally simple: the better of them
+    ([{"a": _BEST["a"] + [0.3, -0.3, 0.2, -0.4], "b": _BEST["b"]}, {"a": _BEST["a"] + [0.2, -0.2, 0.1, -0.2], "b": _BEST["b"]}],
+     [1.5, 1.0, 1.0], 2),
+])
+def test_the_one_standard_error_rule(others, adapters, expected):
+    from pipeline.evaluation.selection import one_standard_error_choice
+
+    chosen, errors = one_standard_error_choice([_BEST, *others], adapters)
+    assert chosen == expected and errors[0] == 0.0
+    difference = others[0]["a"] - _BEST["a"]  # set b: no difference
+    assert errors[1] == pytest.approx(np.std(difference, ddof=1) / 2 / 2)  # over √4 images, over 2 sets
 
 
 def test_plans_are_chosen_per_pair_on_validation_and_saved(tiny_models, tmp_path):

@@ -1,6 +1,10 @@
 """Choosing how UIR-LoRA restores on validation data: each candidate of ``restoration.candidates`` restores
-every validation set, single and mixed, exactly as ``uir restore`` would; the best mean PSNR (each set
-weighing the same) is shipped as ``models/restoration.json``. The test sets are never looked at."""
+every validation set, single and mixed, exactly as ``uir restore`` would, and is scored by its mean PSNR (each
+set weighing the same). Shipped as ``models/restoration.json``, by the one-standard-error rule (Breiman et al.,
+*Classification and Regression Trees*, 1984): of the candidates whose score is within one standard error of
+the best's, the one that applies the fewest adapters to the validation images. A validation split of a few
+photos cannot tell apart candidates that differ on a handful of crops; where it cannot, the restoration that
+changes images least goes. The test sets are never looked at."""
 
 from __future__ import annotations
 
@@ -44,8 +48,37 @@ def psnr(restored: np.ndarray, clean: np.ndarray) -> float:
 
 def mean_psnr(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> dict[str, float]:
     """Per set, the mean PSNR of ``restorer.restore`` (its own routing, policy and fallback)."""
-    return {s.name: float(np.mean([psnr(restorer.restore(lq), gt) for lq, gt in zip(s.degraded, s.clean)]))
-            for s in sets}
+    return {name: float(np.mean(values)) for name, values in per_image(restorer, sets)[0].items()}
+
+
+def per_image(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per set, each image's PSNR after ``restorer.restore`` and the number of adapters it applied (0: left as
+    it was)."""
+    scores, adapters = {}, {}
+    for s in sets:
+        analyses = [restorer.analyse(lq) for lq in s.degraded]
+        scores[s.name] = np.array([psnr(restorer.restore(lq, analysis=a), gt) for lq, gt, a in zip(s.degraded, s.clean, analyses)])
+        adapters[s.name] = np.array([0 if a.unchanged else sum(len(step) for step in a.steps) for a in analyses])
+    return scores, adapters
+
+
+def one_standard_error_choice(scores: Sequence[Mapping[str, np.ndarray]], adapters: Sequence[float]) -> tuple[int, list[float]]:
+    """The index of the candidate to ship, and each candidate's standard error against the best.
+
+    ``scores``: per candidate, per set, each image's PSNR (the same images for every candidate); a candidate's
+    score is the mean over sets of the per-set means. The standard error of the paired difference to the best
+    candidate's score (images independent, sets weighing the same); of the candidates within it of the best,
+    the fewest ``adapters`` per image, then the best score.
+    """
+    means = [float(np.mean([np.mean(v) for v in per_set.values()])) for per_set in scores]
+    best = int(np.argmax(means))
+    errors = []
+    for per_set in scores:
+        variances = [np.var(per_set[name] - scores[best][name], ddof=1) / len(per_set[name]) if len(per_set[name]) > 1 else 0.0
+                     for name in per_set]
+        errors.append(float(np.sqrt(np.sum(variances)) / len(per_set)))
+    close = [i for i in range(len(scores)) if means[best] - means[i] <= errors[i]]
+    return min(close, key=lambda i: (adapters[i], -means[i], i)), errors
 
 
 def choose_plans(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> tuple[dict, list[dict]]:
@@ -73,17 +106,23 @@ def choose_plans(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> t
 
 def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: Sequence[Mapping[str, Any]],
            sets: Sequence[PairedImages]) -> tuple[RestorationSettings, list[dict], int]:
-    """The candidate (overrides of ``base``) with the best mean validation PSNR, every candidate's scores, and
-    the index of the chosen one."""
+    """The candidate (overrides of ``base``) to ship by the one-standard-error rule, every candidate's scores,
+    and the index of the chosen one."""
     kinds = {s.name: s.kind for s in sets}
-    rows = []
+    rows, scores, adapters = [], [], []
     for overrides in candidates:
         settings = RestorationSettings(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-        per_set = mean_psnr(restorer.with_settings(**settings.__dict__), sets)
+        psnrs, applied = per_image(restorer.with_settings(**settings.__dict__), sets)
+        per_set = {name: float(np.mean(values)) for name, values in psnrs.items()}
         single = [v for name, v in per_set.items() if kinds[name] == "single"]
         mixed = [v for name, v in per_set.items() if kinds[name] == "mixed"]
+        scores.append(psnrs)
+        adapters.append(float(np.mean([np.mean(a) for a in applied.values()])))
         rows.append({"settings": settings.as_dict(),
                      "mean_psnr": float(np.mean(list(per_set.values()))), "single_psnr": float(np.mean(single)),
-                     "mixed_psnr": float(np.mean(mixed)) if mixed else None, "per_set": per_set})
-    best = max(range(len(rows)), key=lambda i: rows[i]["mean_psnr"])
-    return RestorationSettings.from_params(rows[best]["settings"]), rows, best
+                     "mixed_psnr": float(np.mean(mixed)) if mixed else None, "per_set": per_set,
+                     "adapters_per_image": adapters[-1]})
+    chosen, errors = one_standard_error_choice(scores, adapters)
+    for row, error in zip(rows, errors):
+        row["standard_error_to_best"] = error
+    return RestorationSettings.from_params(rows[chosen]["settings"]), rows, chosen

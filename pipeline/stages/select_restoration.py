@@ -2,7 +2,8 @@
 chosen on the validation sets, single and mixed; the test sets are never read.
 
 Writes ``<models>/restoration.json`` (what ``uir restore`` and ``evaluate`` then use) and
-``reports/select_restoration.json`` (every candidate's validation PSNR, per set).
+``reports/select_restoration.json`` (every candidate's validation PSNR, per set, its standard error against the
+best and the adapters it applied per image: ``pipeline.evaluation.selection`` says how one is chosen).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
     for row in rows:
         s = row["settings"]
-        print(f"{STAGE}: {s['policy']:<5} {s['composition']:<10} unknown {s['unknown']:<8} mix threshold {s['mix_threshold']}: val PSNR "
-              f"{row['mean_psnr']:.2f} (single {row['single_psnr']:.2f}, mixed {row['mixed_psnr'] or float('nan'):.2f})")
+        print(f"{STAGE}: {s['policy']:<9} {s['composition']:<10} unknown {s['unknown']:<8} noise level {s['noise_level']:<8} "
+              f"mix threshold {s['mix_threshold']}: val PSNR "
+              f"{row['mean_psnr']:.2f} ± {row['standard_error_to_best']:.2f} (single {row['single_psnr']:.2f}, mixed "
+              f"{row['mixed_psnr'] or float('nan'):.2f}), {row['adapters_per_image']:.2f} adapters per image")
     print(f"{STAGE}: chose {chosen}")
 
 
