@@ -348,21 +348,24 @@ def test_confirmed_routing_keeps_a_mix_only_if_the_first_adapters_restoration_st
         assert np.array_equal(checked.restore(image), restorer.restore(image, weights={first: 1.0}))
 
 
-def test_confirmed_routing_of_a_single_costs_no_restoration(tiny_models, monkeypatch):
+def _cached_confirming(tiny_models, monkeypatch, image, on_image: float) -> UniversalRestorer:
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
                                                  settings=RestorationSettings(policy="confirmed", mix_threshold=0.5))
+    _presence_on(restorer, monkeypatch, image, on_image=on_image, elsewhere=0.9)
+    return restorer
+
+
+def test_confirmed_routing_of_a_single_costs_no_restoration(tiny_models, monkeypatch):
     image = rgb(40, 56, seed=9)
-    _presence_on(restorer, monkeypatch, image, on_image=0.2, elsewhere=0.9)
+    restorer = _cached_confirming(tiny_models, monkeypatch, image, on_image=0.2)
     analysis = restorer.analyse(image)
     assert len(analysis.weights) == 1 and analysis.confirmation == {}
     assert restorer.cache.misses == 1, "the routing alone"
 
 
 def test_a_confirmed_mix_reuses_its_first_step_through_the_cache(tiny_models, monkeypatch):
-    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
-                                                 settings=RestorationSettings(policy="confirmed", mix_threshold=0.5))
     image = rgb(40, 56, seed=10)
-    _presence_on(restorer, monkeypatch, image, on_image=0.9, elsewhere=0.9)
+    restorer = _cached_confirming(tiny_models, monkeypatch, image, on_image=0.9)
     analysis = restorer.analyse(image)
     restorer.restore(image, analysis=analysis)
     shared = analysis.steps[0] == {analysis.ranking[0]: 1.0}  # the mix starts with the adapter that confirmed it
@@ -409,7 +412,7 @@ def test_the_cache_drops_the_least_recently_used_beyond_its_size():
 
 
 def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path):
-    from pipeline.evaluation.selection import PairedImages, choose, mean_psnr
+    from pipeline.evaluation.selection import PairedImages, choose, per_image
     from pipeline.models.restorer import SETTINGS_FILE
 
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
@@ -417,7 +420,7 @@ def test_selection_ships_the_candidate_best_on_validation(tiny_models, tmp_path)
             PairedImages("noise+blur", "mixed", [rgb(32, 48, seed=3)], [rgb(32, 48, seed=4)])]
     candidates = [{"policy": "top1"}, {"policy": "topk", "composition": "weights"}, {"policy": "gated", "mix_threshold": 0.0}]
     chosen, rows, best = choose(restorer, RestorationSettings(), candidates, sets)
-    expected = [np.mean(list(mean_psnr(restorer.with_settings(**{"composition": "sequential", **c}), sets).values()))
+    expected = [np.mean([np.mean(v) for v in per_image(restorer.with_settings(**{"composition": "sequential", **c}), sets)[0].values()])
                 for c in candidates]
     assert [r["mean_psnr"] for r in rows] == pytest.approx(expected)
     assert [r["adapters_per_image"] for r in rows] == [1.0, 2.0, 2.0]

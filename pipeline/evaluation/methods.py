@@ -23,6 +23,7 @@ from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.folder import BASELINE_KINDS, ModelsFolder
 from pipeline.models.restorer import (RestorationCache, RestorationSettings, UniversalRestorer, from_float, restore_tiled,
                                       to_float)
+from pipeline.models.router import MIX_THRESHOLD_POLICIES
 
 Restore = Callable[[np.ndarray, str], np.ndarray]
 
@@ -87,7 +88,7 @@ def load_methods(models: str | Path, settings: RestorationSettings | None = None
                               restorer.with_settings(noise_level="analytic")),
     }
     oracles = {c: restorer.with_settings(composition=c) for c in ("sequential", "weights", "planned")}
-    threshold = "" if shipped.policy not in ("gated", "confirmed") else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
+    threshold = "" if shipped.policy not in MIX_THRESHOLD_POLICIES else f" at {shipped.mix_threshold if shipped.mix_threshold is not None else 'the router' + chr(39) + 's'} threshold"
     methods = [
         Method("input", "degraded input", lambda image, truth: image),
         *[Method(f"oracle_{c}", f"oracle: the true adapters, {c} mixing",

@@ -46,14 +46,9 @@ def psnr(restored: np.ndarray, clean: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def mean_psnr(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> dict[str, float]:
-    """Per set, the mean PSNR of ``restorer.restore`` (its own routing, policy and fallback)."""
-    return {name: float(np.mean(values)) for name, values in per_image(restorer, sets)[0].items()}
-
-
 def per_image(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per set, each image's PSNR after ``restorer.restore`` and the number of adapters it applied (0: left as
-    it was)."""
+    """Per set, each image's PSNR after ``restorer.restore`` (its own routing, policy and fallback) and the number
+    of adapters it applied (0: left as it was)."""
     scores, adapters = {}, {}
     for s in sets:
         analyses = [restorer.analyse(lq) for lq in s.degraded]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.models.composition import NOISE_LEVELS, AdapterComposition
 from pipeline.models.export import OnnxEngine, check_engine
 from pipeline.models.folder import ModelsFolder
-from pipeline.models.router import POLICIES, DegradationRouter, select_adapters
+from pipeline.models.router import POLICIES, DegradationRouter, Routing, select_adapters
 
 MIN_SIDE = 16
 SETTINGS_FILE = "restoration.json"  # in the models folder: the settings `select_restoration` chose
@@ -371,11 +371,14 @@ class UniversalRestorer:
         lefts = sorted({(w - size_w) // 4, 3 * (w - size_w) // 4})
         return torch.stack([x[:, t : t + size_h, l : l + size_w] for t in tops for l in lefts])
 
+    def _routing(self, x: torch.Tensor) -> Routing:
+        return self._cached(("routing", self.router), x, lambda: self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device)))
+
     @torch.no_grad()
     def _analyse(self, x: torch.Tensor, on_tile: Callable[[int], None] | None = None) -> Analysis:
         if self.router is None:
             raise ValueError("no router loaded: force an adapter (--lora / --mix, or weights=...)")
-        routing = self._cached(("routing", self.router), x, lambda: self.router.route_crops(self._route_crops(x * 2 - 1).to(self.device)))
+        routing = self._routing(x)
         settings = self.settings
         threshold = self.router.config.mix_threshold if settings.mix_threshold is None else settings.mix_threshold
         weights = select_adapters(routing.probabilities, settings.policy, settings.top_k, threshold, routing.presence)[0]
@@ -390,9 +393,7 @@ class UniversalRestorer:
         if settings.policy == "confirmed" and len(chosen) > 1 and not unchanged:
             first = ranking[0]
             restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
-            after = self._cached(("routing", self.router), restored,
-                                 lambda: self.router.route_crops(self._route_crops(restored * 2 - 1).to(self.device)))
-            confirmation = {n: p for n, p in by_name(after.presence).items() if n in chosen and n != first}
+            confirmation = {n: p for n, p in by_name(self._routing(restored).presence).items() if n in chosen and n != first}
             kept = [first] + [n for n, p in confirmation.items() if p >= threshold]
             chosen = {n: 1.0 / len(kept) for n in kept}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),

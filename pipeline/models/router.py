@@ -61,6 +61,7 @@ CLEAN_DESCRIPTION = "a clean, sharp, well-exposed photograph without any degrada
 
 
 POLICIES = ("top1", "gated", "confirmed", "topk")
+MIX_THRESHOLD_POLICIES = ("gated", "confirmed")  # those that add a second adapter by its presence
 CLEAN_OUTPUTS = ("prototype", "presence")
 
 
@@ -127,7 +128,7 @@ def select_adapters(probabilities: torch.Tensor, policy: str, top_k: int = 2, mi
     if top_k < 1:
         raise ValueError(f"top-K needs K >= 1, got {top_k}")
     k = 1 if policy == "top1" else min(top_k, probabilities.shape[-1])
-    if policy in ("gated", "confirmed"):
+    if policy in MIX_THRESHOLD_POLICIES:
         if presence is None:
             raise ValueError(f"{policy} routing needs the router's presence probabilities")
         order = _ranking(probabilities, presence)[:, :k]
