@@ -375,7 +375,7 @@ What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc r
 `uir info` says which set is in use). Layout of a models folder (`pipeline/models/folder.py`):
 
 - `backbone/`: the frozen pre-trained DDPM UNet; its own card is `backbone/README.md`
-- `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule)
+- `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule); its card: `README.md`
 - `router/`: the degradation-aware router (config.json + safetensors; its card, where it was pre-trained, is `router/README.md`)
 - `noise_level/<degradation>/`: the noise level estimator that sets the timestep of an adapter with the `noise_sigma` rule (its card: `README.md`)
 - `restoration.json`: the routing policy and composition chosen on validation data

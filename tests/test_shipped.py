@@ -76,6 +76,19 @@ def test_uir_ship_refuses_adapters_trained_on_another_backbone(tmp_path, tiny_mo
     assert not (tmp_path / "shipped" / "loras").exists(), "nothing copied"
 
 
+@pytest.mark.parametrize("card", sorted(SHIPPED.rglob("README.md")), ids=lambda p: str(p.relative_to(SHIPPED)))
+def test_every_shipped_model_card_has_a_title_and_any_front_matter_is_plain_yaml(card):
+    import yaml
+
+    text = card.read_text()
+    if text.startswith("---\n"):
+        front = yaml.safe_load(text.split("---\n")[1])
+        assert isinstance(front, dict), "front matter is a mapping"
+        text = text.split("---\n", 2)[2]
+    assert text.lstrip().startswith("# "), "a title first"
+    assert "[More Information Needed]" not in text, "not a template"
+
+
 def test_a_trained_backbone_carries_its_model_card(tmp_path):
     from pipeline.models.card import append_validation, backbone_card, data_digest
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from peft import PeftModel
 
@@ -163,6 +164,12 @@ def test_train_lora_stage_logs_a_real_offline_wandb_run(tiny_project, monkeypatc
     assert any(p.name.endswith(".wandb") for p in Path(pointer["dir"]).iterdir())
     assert Path("models/loras/noise/adapter_model.safetensors").is_file()
     assert Path("reports/backbone_samples.png").is_file()
+    card = Path("models/loras/noise/README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])  # PEFT's own card named the base model by a pathlib object
+    assert front["library_name"] == "peft" and "noise" in front["tags"]
+    for needle in ("# UIR-LoRA adapter: noise", f"W&B run: `{pointer['run_id']}`", "python -m pipeline.stages.train_lora noise",
+                   f"| psnr | {metrics['val/psnr']:.2f} |", "SHA-256"):
+        assert needle in card
 
 
 def test_validating_a_pretrained_backbone_writes_every_output_the_stage_declares(tiny_project, tmp_path, monkeypatch):

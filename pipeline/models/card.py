@@ -43,6 +43,22 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def synthesized_digest(folder: str | Path, split: str = "train") -> dict[str, Any]:
+    """The pairs of ``split`` in a synthesized folder (``synthesize``): count, patch side, source photos, and a
+    SHA-256 over each pair's degraded and clean PNG bytes in manifest order."""
+    from pipeline.files import read_jsonl
+
+    root = Path(folder) / split
+    records = read_jsonl(root / "manifest.jsonl", "synthesize")
+    digest = hashlib.sha256()
+    sources: dict[str, int] = {}
+    for record in records:
+        digest.update((root / record["lq"]).read_bytes() + (root / record["gt"]).read_bytes())
+        sources[record["source"]] = sources.get(record["source"], 0) + 1
+    sides = sorted({record["box"][2] for record in records})
+    return {"split": split, "pairs": len(records), "sides": sides, "sources": sources, "sha256": digest.hexdigest()}
+
+
 def _data_section(data: Mapping[str, Any]) -> str:
     return (f"{data['images']} images ({data['megapixels']} MP) of the `{data['split']}` split of a prepared clean folder; "
             f"by source:\n{chr(10).join(f'- `{source}`: {count}' for source, count in sorted(data['sources'].items()))}\n\n"
@@ -175,6 +191,61 @@ the rest with one other degradation before or after it; each labelled by the ada
 
 """ + _closing_sections(config, "patches of the `val` split; regret: PSNR lost at the chosen timestep against the "
                                   "best of the grid", rows, command)
+
+
+def lora_card(degradation: str, description: str, settings: Mapping[str, Any], train: Mapping[str, Any],
+              trainable: int, backbone: int, seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any],
+              run: Mapping[str, Any], command: str) -> str:
+    """The card of one degradation's LoRA (``train_lora``), in place of PEFT's template: its front matter is plain
+    YAML (PEFT's names the base model by a ``pathlib`` object no YAML loader reads)."""
+    rows = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    sources = ", ".join(f"`{name}` {count}" for name, count in sorted(data["sources"].items()))
+    rule = ("at the timestep whose noise level is the σ estimated for each image (rule `noise_sigma`)"
+            if settings["timestep"] == "noise_sigma" else f"at the fixed timestep t* = {settings['t_star']}")
+    return f"""---
+library_name: peft
+tags:
+- lora
+- image-restoration
+- uir-lora
+- {degradation}
+---
+
+# UIR-LoRA adapter: {degradation}
+
+{description[:1].upper() + description[1:]}, restored in one step by the frozen backbone (`../../backbone`) with
+this LoRA, {rule}. Trained by the `train_lora@{degradation}` stage of uir-lora. Loaded by
+`AdapterComposition.from_pretrained` (from the models folder two levels up), or by PEFT's
+`PeftModel.from_pretrained` on that backbone. `restoration.json` holds the timestep settings.
+
+## Training data
+
+{data['pairs']} degraded/clean pairs of {' / '.join(f'{side}²' for side in data['sides'])} pixels: the `{data['split']}` split of the
+synthesized folder, cut from {len(data['sources'])} photos ({sources}).
+
+SHA-256 over each pair's degraded and clean PNG bytes (manifest order): `{data['sha256']}`
+
+## Training
+
+- rank {settings['rank']}, alpha {settings['alpha']}, on `{'`, `'.join(settings['targets'])}`: {trainable} trainable parameters
+  ({100 * trainable / backbone:.1f} % of the backbone's {backbone})
+- {train['max_steps']} steps (batch {train['batch_size']}, AdamW lr {train['lr']}, warm-up {train['warmup_steps']}, cosine decay);
+  the weights kept are those of the best validation PSNR (step {metrics['step']:.0f})
+- wall time: {seconds / 60:.1f} min on {hardware()}
+- W&B run: {_run(run)}
+
+## Validation (the synthesized `val` split, PSNR dB / SSIM; `input_`: the degraded images)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Reproduce
+
+```bash
+{command}
+```
+"""
 
 
 def append_validation(card: str, metrics: Mapping[str, float], where: str, digits: int = 2) -> str:
