@@ -361,8 +361,9 @@ def set_card(folder, names: list[str], reports: Path, commit: str) -> str:
 
     adapters = "\n".join(
         f"| {n} | {r.get('rank', '?')} | {r.get('t_star', '?')} ({r.get('timestep', 'fixed')}) | "
-        f"{r.get('val/input_psnr', float('nan')):.2f} | {r.get('val/psnr', float('nan')):.2f} |"
-        for n in names for r in [report(f"train_lora/{n}.json")])
+        f"{r.get('val/input_psnr', float('nan')):.2f} | {r.get('val/psnr', float('nan')):.2f} | "
+        f"`{w.get('run_id', '?')}` ({w.get('mode', '?')}) |"
+        for n in names for r, w in [(report(f"train_lora/{n}.json"), report(f"wandb/train_lora@{n}.json"))])
     router = report("fit_router.json")
     noise_levels = "\n".join(f"| {n} | {m.get('val/regret_db_estimator', float('nan')):.3f} | "
                              f"{m.get('val/regret_db_analytic', float('nan')):.3f} |"
@@ -385,8 +386,8 @@ Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's b
 
 ## Adapters (validation split, PSNR dB)
 
-| degradation | rank | t* | input | restored |
-|---|---|---|---|---|
+| degradation | rank | t* | input | restored | W&B run |
+|---|---|---|---|---|---|
 {adapters}
 
 ## Noise level estimators (validation patches of that run; PSNR dB lost against the adapter's best timestep)

@@ -38,12 +38,14 @@ def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp
     (reports / "train_lora").mkdir(parents=True)
     (reports / "train_lora" / "noise.json").write_text(json.dumps({"rank": 2, "t_star": 200, "val/psnr": 27.5,
                                                                     "val/input_psnr": 20.1}))
+    (reports / "wandb").mkdir()
+    (reports / "wandb" / "train_lora@noise.json").write_text(json.dumps({"run_id": "abc123", "mode": "offline"}))
     code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(reports)], capsys)
     assert code == 0, out
     assert sorted(p.name for p in (target / "loras").iterdir()) == ["blur", "noise"]
     assert (target / "router" / "config.json").is_file() and (target / "restoration.json").is_file()
     card = (target / "README.md").read_text()
-    assert "| noise | 2 | 200 (fixed) | 20.10 | 27.50 |" in card
+    assert "| noise | 2 | 200 (fixed) | 20.10 | 27.50 | `abc123` (offline) |" in card
     code, out, _ = _cli(["info", "--models", str(target), "--json"], capsys)
     assert code == 0 and set(json.loads(out)["adapters"]) == {"noise", "blur"}
 

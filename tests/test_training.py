@@ -167,7 +167,7 @@ def test_train_lora_stage_logs_a_real_offline_wandb_run(tiny_project, monkeypatc
     card = Path("models/loras/noise/README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])  # PEFT's own card named the base model by a pathlib object
     assert front["library_name"] == "peft" and "noise" in front["tags"]
-    for needle in ("# UIR-LoRA adapter: noise", f"W&B run: `{pointer['run_id']}`", "python -m pipeline.stages.train_lora noise",
+    for needle in ("# UIR-LoRA adapter: noise", "reports/wandb/train_lora@noise.json", "python -m pipeline.stages.train_lora noise",
                    f"| psnr | {metrics['val/psnr']:.2f} |", "SHA-256"):
         assert needle in card
 

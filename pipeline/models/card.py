@@ -194,10 +194,11 @@ the rest with one other degradation before or after it; each labelled by the ada
 
 
 def lora_card(degradation: str, description: str, settings: Mapping[str, Any], train: Mapping[str, Any],
-              trainable: int, backbone: int, seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any],
-              run: Mapping[str, Any], command: str) -> str:
+              trainable: int, backbone: int, metrics: Mapping[str, float], data: Mapping[str, Any], command: str) -> str:
     """The card of one degradation's LoRA (``train_lora``), in place of PEFT's template: its front matter is plain
-    YAML (PEFT's names the base model by a ``pathlib`` object no YAML loader reads)."""
+    YAML (PEFT's names the base model by a ``pathlib`` object no YAML loader reads). Only what retraining
+    reproduces, so that the adapter folder keeps its bytes and its DVC hash: no wall time, no W&B run id (that
+    is in ``reports/wandb/train_lora@<degradation>.json``; ``uir ship`` names it in the shipped set's card)."""
     rows = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
     sources = ", ".join(f"`{name}` {count}" for name, count in sorted(data["sources"].items()))
     rule = ("at the timestep whose noise level is the σ estimated for each image (rule `noise_sigma`)"
@@ -231,8 +232,7 @@ SHA-256 over each pair's degraded and clean PNG bytes (manifest order): `{data['
   ({100 * trainable / backbone:.1f} % of the backbone's {backbone})
 - {train['max_steps']} steps (batch {train['batch_size']}, AdamW lr {train['lr']}, warm-up {train['warmup_steps']}, cosine decay);
   the weights kept are those of the best validation PSNR (step {metrics['step']:.0f})
-- wall time: {seconds / 60:.1f} min on {hardware()}
-- W&B run: {_run(run)}
+- W&B: the run `train_lora@{degradation}` of the experiment's group; its id is in `reports/wandb/train_lora@{degradation}.json`
 
 ## Validation (the synthesized `val` split, PSNR dB / SSIM; `input_`: the degraded images)
 

@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     params = stage_params(args.params)
 
     import sys
-    import time
 
     from omegaconf import OmegaConf
 
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.models.adapters import adapter_parameter_count, attach_lora, lora_config, save_adapter
     from pipeline.models.backbone import OneStepReadout, count_parameters, load_backbone
     from pipeline.models.card import lora_card, synthesized_digest
-    from pipeline.tracking import finish, log_model_folder, make_logger, wandb_mode
+    from pipeline.tracking import finish, log_model_folder, make_logger
     from pipeline.training.fit import fit_restoration
     from pipeline.training.trainer import seed
 
@@ -46,22 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     backbone_size = count_parameters(unet)["total"]
     model = attach_lora(unet, lora_config(settings))
     logger = make_logger(params, stage, job_type="train_lora")
-    started = time.perf_counter()
     _, metrics, writer = fit_restoration(
         params, model, OneStepReadout(scheduler), [args.degradation], [settings["t_star"]], [args.data],
         training, training.max_steps, logger, args.checkpoints, inputs=[args.data, args.backbone],
         timestep_rules=[settings["timestep"]],
     )
-    seconds = time.perf_counter() - started
     if not writer:
         return
     adapter_size = adapter_parameter_count(model)
-    run = {"run_id": logger.version, "project": params.logger.project, "mode": wandb_mode(params)}
     command = (f"make params ARGS=profile={params.profile_name}   # + the overrides that give the settings above\n"
                f"python -m pipeline.stages.train_lora {' '.join(argv if argv is not None else sys.argv[1:])}")
     card = lora_card(args.degradation, params.degradations[args.degradation].description, settings,
-                     OmegaConf.to_container(training, resolve=True), adapter_size, backbone_size, seconds, metrics,
-                     synthesized_digest(args.data), run, command)
+                     OmegaConf.to_container(training, resolve=True), adapter_size, backbone_size, metrics,
+                     synthesized_digest(args.data), command)
     with atomic_dir(args.out) as tmp:
         save_adapter(model, tmp, args.degradation, settings["t_star"], settings["timestep"])
         (tmp / "README.md").write_text(card)  # in place of PEFT's template card
