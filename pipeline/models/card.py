@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from pipeline.files import read_jsonl
+
 
 def data_digest(clean: str | Path, split: str = "train") -> dict[str, Any]:
     """The images of ``split`` in a prepared clean folder: count per source and a SHA-256 over their names and
@@ -46,8 +48,6 @@ def hardware() -> str:
 def synthesized_digest(folder: str | Path, split: str = "train") -> dict[str, Any]:
     """The pairs of ``split`` in a synthesized folder (``synthesize``): count, patch side, source photos, and a
     SHA-256 over each pair's degraded and clean PNG bytes in manifest order."""
-    from pipeline.files import read_jsonl
-
     root = Path(folder) / split
     records = read_jsonl(root / "manifest.jsonl", "synthesize")
     digest = hashlib.sha256()
@@ -71,15 +71,14 @@ def _run(run: Mapping[str, Any]) -> str:
             f"{', ' + run['url'] if run.get('url') else ''})")
 
 
-def _closing_sections(config: Mapping[str, Any], validated_on: str, rows: str, command: str) -> str:
-    """A card's configuration, validation table and reproduce sections."""
-    return f"""## Configuration
+def _val_rows(metrics: Mapping[str, float]) -> str:
+    """The ``val/`` metrics as table rows, without the prefix."""
+    return "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
 
-```json
-{json.dumps(dict(config), indent=2)}
-```
 
-## Validation ({validated_on})
+def _validation_and_reproduce(validated_on: str, rows: str, command: str) -> str:
+    """A card's validation table and reproduce sections, its last."""
+    return f"""## Validation ({validated_on})
 
 | metric | value |
 |---|---|
@@ -93,11 +92,21 @@ def _closing_sections(config: Mapping[str, Any], validated_on: str, rows: str, c
 """
 
 
+def _closing_sections(config: Mapping[str, Any], validated_on: str, rows: str, command: str) -> str:
+    """A card's configuration, validation table and reproduce sections."""
+    return f"""## Configuration
+
+```json
+{json.dumps(dict(config), indent=2)}
+```
+
+""" + _validation_and_reproduce(validated_on, rows, command)
+
+
 def backbone_card(architecture: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int,
                   seconds: float, metrics: Mapping[str, float], data: Mapping[str, Any], run: Mapping[str, Any],
                   command: str) -> str:
     """The card of a DDPM-pretrained backbone (``pretrain_backbone``)."""
-    val = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
     return f"""# UIR-LoRA backbone: UNet2DModel, {parameters / 1e6:.2f} M parameters
 
 The frozen generative model every UIR-LoRA adapter is trained on: a DDPM (ε-prediction, uniform timesteps)
@@ -121,18 +130,8 @@ trained by the `pretrain_backbone` stage of uir-lora. Load it with `UNet2DModel.
 {yaml.safe_dump(dict(architecture), sort_keys=False).strip()}
 ```
 
-## Validation (the split's held-out images; one-step denoising at the oracle timestep, PSNR dB)
-
-| metric | value |
-|---|---|
-{val}
-
-## Reproduce
-
-```bash
-{command}
-```
-"""
+""" + _validation_and_reproduce("the split's held-out images; one-step denoising at the oracle timestep, PSNR dB",
+                                _val_rows(metrics), command)
 
 
 def router_card(config: Mapping[str, Any], train: Mapping[str, Any], parameters: int, steps: int, seconds: float,
@@ -199,7 +198,6 @@ def lora_card(degradation: str, description: str, settings: Mapping[str, Any], t
     YAML (PEFT's names the base model by a ``pathlib`` object no YAML loader reads). Only what retraining
     reproduces, so that the adapter folder keeps its bytes and its DVC hash: no wall time, no W&B run id (that
     is in ``reports/wandb/train_lora@<degradation>.json``; ``uir ship`` names it in the shipped set's card)."""
-    rows = "\n".join(f"| {k.removeprefix('val/')} | {v:.2f} |" for k, v in sorted(metrics.items()) if k.startswith("val/"))
     sources = ", ".join(f"`{name}` {count}" for name, count in sorted(data["sources"].items()))
     rule = ("at the timestep whose noise level is the σ estimated for each image (rule `noise_sigma`)"
             if settings["timestep"] == "noise_sigma" else f"at the fixed timestep t* = {settings['t_star']}")
@@ -234,18 +232,8 @@ SHA-256 over each pair's degraded and clean PNG bytes (manifest order): `{data['
   the weights kept are those of the best validation PSNR (step {metrics['step']:.0f})
 - W&B: the run `train_lora@{degradation}` of the experiment's group; its id is in `reports/wandb/train_lora@{degradation}.json`
 
-## Validation (the synthesized `val` split, PSNR dB / SSIM; `input_`: the degraded images)
-
-| metric | value |
-|---|---|
-{rows}
-
-## Reproduce
-
-```bash
-{command}
-```
-"""
+""" + _validation_and_reproduce("the synthesized `val` split, PSNR dB / SSIM; `input_`: the degraded images",
+                                _val_rows(metrics), command)
 
 
 def append_validation(card: str, metrics: Mapping[str, float], where: str, digits: int = 2) -> str:
