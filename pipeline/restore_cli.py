@@ -276,6 +276,7 @@ def info_main(args: argparse.Namespace) -> int:
     info["router"] = {"prototypes": router.config.prototypes, "degradations": router.names,
                       "mix_threshold": round(router.config.mix_threshold, 4), "temperature": router.config.temperature,
                       "unknown_threshold": round(router.config.threshold, 4),
+                      "known_threshold": None if router.config.known_threshold is None else round(router.config.known_threshold, 4),
                       "clean_threshold": round(router.config.clean_threshold, 4) if router.config.clean else None,
                       "parameters": sum(p.numel() for p in router.parameters())}
     engine, precision = resolve_engine("auto", None, "cpu")
@@ -301,7 +302,8 @@ def info_main(args: argparse.Namespace) -> int:
               f"{timestep(a)}  targets {','.join(a['targets'])}")
     r = info["router"]
     print(f"router    {r['prototypes']} prototypes for {', '.join(r['degradations'])}; mix threshold {r['mix_threshold']}, "
-          f"temperature {r['temperature']}, unknown below {r['unknown_threshold']}, "
+          f"temperature {r['temperature']}, unknown below {r['unknown_threshold']}"
+          + ("" if r["known_threshold"] is None else f" unless its top presence reaches {r['known_threshold']}") + ", "
           + ("no clean class" if r["clean_threshold"] is None else f"clean at or above {r['clean_threshold']}"))
     s = info["restoration"]
     print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")

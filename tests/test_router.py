@@ -84,6 +84,20 @@ def test_route_returns_probabilities_similarity_presence_and_unknown(router):
     assert router.route(images).unknown.all()
 
 
+@pytest.mark.parametrize("similarity,presence,known_threshold,unknown", [
+    ([0.1, 0.2, 0.0], [0.1, 0.9, 0.1], None, True),  # below the similarity threshold, no known threshold
+    ([0.1, 0.2, 0.0], [0.1, 0.9, 0.1], 0.8, False),  # ... but the most probable one's presence reaches it
+    ([0.1, 0.2, 0.0], [0.1, 0.9, 0.1], 0.95, True),  # ... not high enough
+    ([0.1, 0.2, 0.0], [0.99, 0.1, 0.1], 0.8, True),  # another degradation's presence does not count
+    ([0.1, 0.6, 0.0], [0.0, 0.0, 0.0], 0.8, False),  # similar enough: known whatever the presence
+])
+def test_an_image_flagged_unknown_is_known_after_all_by_its_top_presence(router, similarity, presence,
+                                                                          known_threshold, unknown):
+    router.config.threshold, router.config.known_threshold = 0.5, known_threshold
+    routing = router.routing(torch.tensor([similarity]), torch.tensor([presence]))
+    assert routing.unknown.tolist() == [unknown]
+
+
 def test_the_presence_output_does_not_train_the_encoder(router):
     logits, presence = router(torch.rand(2, 3, 32, 32) * 2 - 1)
     presence.sum().backward()
@@ -332,6 +346,42 @@ def test_clean_threshold_bounds_degraded_images_called_clean(monkeypatch, clean_
     assert rates["clean_detection_rate"] == pytest.approx(expected_detection)
 
 
+@pytest.mark.parametrize("clean_top_presence,degraded_top_presence,expected_threshold,expected_kept", [
+    # no clean image flagged unknown reaches 0.3: 0.32 to 0.90 keep both unknown degraded images, the middle
+    ([0.3, -1, -1], [0.95, 0.91, -1, -1], 0.61, 0.5),
+    ([0.93, -1, -1], [0.95, 0.91, -1, -1], 0.94, 0.25),  # a clean one at 0.93: above it, one degraded image left
+    ([0.99, -1, -1], [0.99, -1], 1.0, 0.0),  # nothing on the grid keeps clean images unrouted: never
+    ([-1, -1, -1], [-1, -1], 0.5, 0.0),  # nothing flagged unknown: every threshold as good, the middle
+])
+def test_known_threshold_bounds_the_clean_images_it_routes(monkeypatch, clean_router, clean_top_presence,
+                                                           degraded_top_presence, expected_threshold, expected_kept):
+    from pipeline.data.datasets import LabelledImages
+    from pipeline.models.router import Routing
+    from pipeline.training.router import calibrate_known_threshold
+
+    def route(images):  # each image carries its top presence as its pixel value; -1: not flagged unknown
+        p = images[:, 0, 0, 0]
+        presence = torch.stack([p.clamp(min=0), torch.zeros_like(p), torch.zeros_like(p)], -1)
+        assert clean_router.config.known_threshold is None, "calibrated on the similarity's flags alone"
+        return Routing(probabilities=torch.tensor([[0.8, 0.1, 0.1]]).expand(len(p), 3), similarity=presence,
+                       presence=presence, unknown=p >= 0, clean_probability=torch.zeros_like(p), clean=p < -1)
+
+    monkeypatch.setattr(clean_router, "route", route)
+    clean_router.config.known_threshold = 0.7
+
+    def images(values):
+        return LabelledImages([torch.full((3, 8, 8), float(v)) for v in values], torch.zeros(len(values), 4))
+
+    half = len(degraded_top_presence) // 2  # singles and mixes count together
+    degraded = [images(degraded_top_presence[:half]), images(degraded_top_presence[half:])]
+    threshold, rates = calibrate_known_threshold(clean_router, degraded, images(clean_top_presence), 0.02)
+    assert threshold == pytest.approx(expected_threshold, abs=1e-6)
+    assert clean_router.config.known_threshold == 0.7, "the router's own threshold is put back"
+    assert rates["clean_routed_rate"] <= 0.02
+    assert rates["known_after_all_rate"] == pytest.approx(expected_kept)
+    assert rates["unknown_by_similarity_rate"] == pytest.approx(sum(p >= 0 for p in degraded_top_presence) / len(degraded_top_presence))
+
+
 @pytest.fixture()
 def router_project(tiny_project, tmp_path):
     """A working folder whose degradations are the two ``tiny_project`` synthesized (noise, jpeg)."""
@@ -363,13 +413,17 @@ def test_fit_router_writes_a_card_and_a_pretrained_router_is_validated_not_retra
     compose_params(root / "params.yaml", ROOT / "conf", [*overrides, f"router.pretrained={root / 'trained'}"])
     fit_router.main(["--out", "models/router"])
     used = DegradationRouter.from_pretrained("models/router")
-    assert used.config == trained.config, "the pretrained router's thresholds are kept"
+    metrics = json.loads((root / "reports/fit_router.json").read_text())
+    assert used.config.known_threshold == metrics["known_threshold"] is not None, "calibrated on this run's validation"
+    used.config.known_threshold = trained.config.known_threshold
+    assert used.config == trained.config, "the pretrained router's other thresholds are kept"
     assert all(torch.equal(a, b) for a, b in zip(used.state_dict().values(), trained.state_dict().values()))
     assert (root / "models/router/README.md").read_text().startswith(card.rstrip())
     assert "Validated again" in (root / "models/router/README.md").read_text()
-    metrics = json.loads((root / "reports/fit_router.json").read_text())
+    assert f"known threshold was calibrated on that split: {metrics['known_threshold']:.4f}" in (root / "models/router/README.md").read_text()
     assert metrics["mix_threshold"] == trained.config.mix_threshold
-    assert {"val/top1_accuracy", "false_mix_rate", "mix_detection_rate", "false_clean_rate"} <= set(metrics)
+    assert {"val/top1_accuracy", "false_mix_rate", "mix_detection_rate", "false_clean_rate", "clean_routed_rate",
+            "known_after_all_rate", "unknown_by_similarity_rate"} <= set(metrics)
     outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fit_router"]["outs"]
     assert [p for p in (next(iter(o)) if isinstance(o, dict) else o for o in outs) if not (root / p).exists()] == []
 
@@ -413,6 +467,7 @@ def test_a_pretrained_router_for_other_degradations_is_refused(router_project, t
     ([0.11] * 9 + [0.51], [0.71] * 10, 0.1, 0.41),  # one negative in ten may pass
     ([0.11] * 10, [0.31, 0.91], 0.0, 0.21),  # found falls above 0.30: only 0.12 to 0.30 find both
     ([0.99] * 10, [0.99] * 10, 0.0, 1.0),  # nothing on the grid keeps the bound
+    ([0.11] * 10, [], 0.0, 0.55),  # no positives: 0.12 to 0.98 all equally good
 ])
 def test_bounded_threshold_is_the_middle_of_the_equally_good_ones(negatives, positives, max_rate, expected):
     from pipeline.training.router import bounded_threshold

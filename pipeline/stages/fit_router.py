@@ -7,6 +7,8 @@ whose clean photo had its tone changed first (``router.train.tone``, also applie
 The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``
 set, that router folder is validated instead (its degradations must be these, in this order) and kept with the
 thresholds it was calibrated with on its own validation photographs; this run's rates at them are reported.
+The known threshold (the presence that makes an image its similarity flags unknown known after all) is
+calibrated on this run's validation sets either way.
 ``--recalibrate`` calibrates a pretrained router's thresholds afresh on this run's validation sets (how the
 shipped router's were redone under the current rules, on its own CBSD432 validation photos).
 Writes ``<out>/`` (config.json + model.safetensors + README.md, its card), validation metrics and the W&B pointer.
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     import pipeline.training.router as router_training
     from pipeline.models.router import CLEAN_DESCRIPTION, DegradationRouter, RouterConfig, text_prototypes
     from pipeline.tracking import finish, log_model_folder, make_logger, wandb_mode
-    from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_mix_threshold,
-                                          calibrate_threshold, clean_rates, clean_set, mix_rates, pairs, patch_set,
+    from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_known_threshold,
+                                          calibrate_mix_threshold, calibrate_threshold, clean_rates, clean_set, mix_rates, pairs, patch_set,
                                           with_clean_column)
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
@@ -122,12 +124,19 @@ def main(argv: list[str] | None = None) -> None:
         router.config.threshold = calibrate_threshold(router, val["singles"], cfg.unknown_quantile)
         router.config.mix_threshold, found_mixes = calibrate_mix_threshold(router, val["singles"], val.get("mixes"))
         router.config.clean_threshold, found_clean = calibrate_clean_threshold(router, degraded, val["clean"])
+    # Calibrated here even for a pretrained router: the similarity flags photos unlike the router's own training
+    # photos unknown, so what overrides it is measured on photos like those this run restores.
+    router.config.known_threshold, found_known = calibrate_known_threshold(router, degraded, val["clean"])
     metrics.update(threshold=router.config.threshold, mix_threshold=router.config.mix_threshold, **found_mixes,
-                   clean_threshold=router.config.clean_threshold, **found_clean)
+                   clean_threshold=router.config.clean_threshold, **found_clean,
+                   known_threshold=router.config.known_threshold, **found_known)
     if cfg.pretrained:
         shipped_card = Path(cfg.pretrained) / "README.md"
         card = append_validation(shipped_card.read_text(), metrics, f"`{STAGE}` with router.pretrained = "
                                  f"{cfg.pretrained}, on {args.data}'s val split", digits=3) if shipped_card.is_file() else None
+        if card is not None:
+            card += (f"\nThe known threshold was calibrated on that split: {router.config.known_threshold:.4f} (an image "
+                     f"flagged unknown is restored after all where its most probable degradation's presence reaches it).\n")
         if card is not None and args.recalibrate:
             card += (f"\nThe thresholds were calibrated afresh on that split (they replace the Configuration's): "
                      + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("threshold", "mix_threshold", "clean_threshold"))

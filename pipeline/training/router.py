@@ -1,8 +1,9 @@
 """Training the degradation router: soft cross-entropy of ``s / τ`` against the target distribution
 (one-hot for a single degradation, uniform over the components of a mix) plus binary cross-entropy of
 the presence output against which degradations the image holds; its mixed and clean training patches;
-and the thresholds calibrated on validation data (unknown degradation; mix detection at a bounded
-false-mix rate; clean images at a bounded false-clean rate)."""
+and the thresholds calibrated on validation data (unknown degradation, and the presence that makes an image
+known after all at a bounded rate of clean images routed; mix detection at a bounded false-mix rate; clean
+images at a bounded false-clean rate)."""
 
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def bounded_threshold(negatives: torch.Tensor, positives: torch.Tensor, max_fals
     feasible = grid[(negatives[None] >= grid[:, None]).float().mean(-1) <= max_false_rate]
     if not len(feasible):
         return 1.0
-    found = (positives[None] >= feasible[:, None]).float().mean(-1)
+    found = (positives[None] >= feasible[:, None]).float().sum(-1)  # without positives, all equally good
     equal = feasible[found == found[0]]  # found falls as the threshold rises: these come first
     return round(float(equal[0] + equal[-1]) / 2, 4)
 
@@ -248,3 +249,39 @@ def calibrate_clean_threshold(router: DegradationRouter, degraded: list[Labelled
     called, found = _clean_probabilities(router, degraded), _clean_probabilities(router, [clean])
     threshold = bounded_threshold(called, found, max_false_clean_rate)
     return threshold, _clean_rates(called, found, threshold)
+
+
+# The share of clean validation images that the known threshold may send to an adapter (those the similarity
+# flags unknown and the clean threshold does not call clean): the rule of the mix and clean thresholds.
+MAX_CLEAN_ROUTED_RATE = 0.02
+
+
+def _top_presence_where_unknown(router: DegradationRouter, sets: list[LabelledImages]) -> torch.Tensor:
+    """Per image: the presence of its most probable degradation where its similarity flags it unknown and it is
+    not called clean (what the known threshold decides on), -1 elsewhere (never reaches a threshold)."""
+    known_threshold, router.config.known_threshold = router.config.known_threshold, None
+    try:
+        parts = [_routings(router, images) for images in sets]
+    finally:
+        router.config.known_threshold = known_threshold
+    routing = Routing(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(Routing)))
+    top = routing.presence.gather(-1, routing.probabilities.argmax(-1, keepdim=True))[:, 0]
+    return torch.where(routing.unknown & ~routing.clean, top, torch.full_like(top, -1.0))
+
+
+def _known_rates(degraded: torch.Tensor, clean: torch.Tensor, threshold: float) -> dict[str, float]:
+    return {"unknown_by_similarity_rate": float((degraded >= 0).float().mean()),
+            "known_after_all_rate": float((degraded >= threshold).float().mean()),
+            "clean_routed_rate": float((clean >= threshold).float().mean())}
+
+
+def calibrate_known_threshold(router: DegradationRouter, degraded: list[LabelledImages], clean: LabelledImages,
+                              max_clean_routed_rate: float = MAX_CLEAN_ROUTED_RATE) -> tuple[float, dict[str, float]]:
+    """The presence at or above which an image that its similarity flags unknown is restored by its most probable
+    adapter after all: a threshold that sends at most ``max_clean_routed_rate`` of the ``clean`` validation images
+    to an adapter that way and keeps as many of the ``degraded`` ones as that bound allows (``bounded_threshold``);
+    with its rates: the degraded images the similarity flags unknown, those kept known after all, the clean
+    images routed."""
+    unknown_degraded, unknown_clean = _top_presence_where_unknown(router, degraded), _top_presence_where_unknown(router, [clean])
+    threshold = bounded_threshold(unknown_clean, unknown_degraded[unknown_degraded >= 0], max_clean_routed_rate)
+    return threshold, _known_rates(unknown_degraded, unknown_clean, threshold)
