@@ -340,19 +340,42 @@ def ship_main(args: argparse.Namespace) -> int:
     reports = Path(args.reports)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     parts = [f"loras/{n}" for n in names] + [f"noise_level/{n}" for n in source.noise_levels(names)]
-    router_files = ("config.json", "model.safetensors")
-    pretrained = all((target.root / "router" / f).is_file() and
-                     (target.root / "router" / f).read_bytes() == (source.root / "router" / f).read_bytes() for f in router_files)
-    if not pretrained:  # a router the `dvc repro` trained; the shipped one it validated stays as it is, with its card
+    pretrained = all((folder.router / f).is_file() for folder in (source, target) for f in ROUTER_FILES) and \
+        (target.router / ROUTER_FILES[1]).read_bytes() == (source.router / ROUTER_FILES[1]).read_bytes()
+    if not pretrained:  # a router the `dvc repro` trained; the shipped one it validated keeps its weights and card
         parts.insert(0, "router")
     for part in parts:
         with atomic_dir(target.root / part) as tmp:
             shutil.copytree(source.root / part, tmp, dirs_exist_ok=True)
+    if pretrained and (target.router / ROUTER_FILES[0]).read_bytes() != (source.router / ROUTER_FILES[0]).read_bytes():
+        ship_recalibrated_router(source.router, target.router, commit)
     shutil.copyfile(source.root / SETTINGS_FILE, target.root / SETTINGS_FILE)
     (target.root / "README.md").write_text(set_card(target, names, reports, commit), encoding="utf-8")
     print(f"shipped {', '.join(names)}{'' if pretrained else ' and the router'} into {target.root} "
           f"(trained at {commit or 'an unknown commit'}){'; the router there is the one it used' if pretrained else ''}")
     return 0
+
+
+ROUTER_FILES = ("config.json", "model.safetensors")
+RECALIBRATED = "## Thresholds of the shipped set"
+
+
+def ship_recalibrated_router(source: Path, target: Path, commit: str) -> None:
+    """The shipped router with the thresholds the run recalibrated (its known threshold: ``fit_router`` calibrates
+    it on the run's validation photos), said in a last section of its card that replaces the one before."""
+    import shutil
+
+    from pipeline.files import atomic_dir
+
+    config = json.loads((source / ROUTER_FILES[0]).read_text())
+    card = (target / "README.md").read_text(encoding="utf-8").split(f"\n{RECALIBRATED}\n")[0].rstrip()
+    with atomic_dir(target) as tmp:
+        shutil.copytree(target, tmp, dirs_exist_ok=True)
+        shutil.copyfile(source / ROUTER_FILES[0], tmp / ROUTER_FILES[0])
+        (tmp / "README.md").write_text(f"{card}\n\n{RECALIBRATED}\n\nThe `dvc repro` whose adapters ship beside this router "
+                                       f"(at {commit or 'an unknown commit'}) validated it and calibrated its known threshold "
+                                       f"on its own validation photos: {config.get('known_threshold')} (`config.json`; the "
+                                       "Configuration above is the one it was trained with).\n", encoding="utf-8")
 
 
 def set_card(folder, names: list[str], reports: Path, commit: str) -> str:

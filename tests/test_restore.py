@@ -194,6 +194,7 @@ def test_cli_info_describes_the_models_folder(tiny_models, capsys):
     assert code == 0 and set(info["adapters"]) == {"noise", "blur"}
     assert info["adapters"]["noise"]["rank"] == 2 and info["adapters"]["noise"]["t_star"] == 200
     assert 0 <= info["router"]["mix_threshold"] <= 1 and info["backbone"]["parameters"] > 0
+    assert info["router"]["known_threshold"] is None  # none calibrated: the similarity alone flags unknown
     assert info["engine"]["engine"] in ("torch", "onnxruntime", "openvino")
 
 

@@ -63,6 +63,16 @@ def test_uir_ship_keeps_the_shipped_router_and_its_card_when_the_run_used_it(tmp
     assert (target / "router" / "README.md").read_text() == "# the router's own card\n"
     assert (target / "loras" / "noise" / "adapter_model.safetensors").is_file()
 
+    # the run calibrated the router's known threshold: the shipped router takes it, its card says so, once
+    config = json.loads((trained / "router" / "config.json").read_text())
+    (trained / "router" / "config.json").write_text(json.dumps({**config, "known_threshold": 0.66}))
+    for _ in range(2):
+        code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(tmp_path)], capsys)
+        assert code == 0 and "the router there is the one it used" in out
+    assert json.loads((target / "router" / "config.json").read_text())["known_threshold"] == 0.66
+    card = (target / "router" / "README.md").read_text()
+    assert card.startswith("# the router's own card\n") and card.count("known threshold") == 1 and "0.66" in card
+
 
 def test_uir_ship_refuses_adapters_trained_on_another_backbone(tmp_path, tiny_models, capsys):
     import torch
