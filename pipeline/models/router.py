@@ -14,8 +14,8 @@ and mixes) — so a single degradation never gets a slice of a strong, wrong ada
 An input whose best cosine similarity is below ``threshold`` (calibrated on validation data) is
 flagged as an unknown degradation — unless the presence of its most probable degradation reaches
 ``known_threshold``. The similarity alone flagged 10 % of the embedded test photos' degraded crops (3 seeds),
-against the 1 % of CBSD432 validation crops it was calibrated on: 10–12 of 48 low-light crops per seed, nearly
-all with a low-light presence of 0.95–1.00; left as they were, low light ended 0.3–3.2 dB below the oracle. The presence
+against the 1 % of CBSD432 validation crops it was calibrated on: 10–12 of 48 low-light crops per seed, 30 of
+the 33 with a low-light presence of 0.90–1.00; left as they were, low light ended 0.3–3.2 dB below the oracle. The presence
 is the router's own word that a known degradation is there; ``known_threshold`` is calibrated on the photos being
 restored (``calibrate_known_threshold``) so that it almost never sends a clean photo to an adapter.
 
