@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     forced.add_argument("--lora", help="use this degradation's LoRA alone, skip the router")
     forced.add_argument("--mix", help="a fixed adapter mix, e.g. noise=0.6,blur=0.4")
     # Defaults: the models folder's restoration.json (chosen on validation), else RestorationSettings' defaults.
-    restore.add_argument("--policy", choices=["top1", "gated", "confirmed", "topk"], default=None,
+    restore.add_argument("--policy", choices=["top1", "gated", "confirmed", "cascade", "topk"], default=None,
                          help="routing: top1, gated (a second adapter only for a detected mix), confirmed (gated, the "
-                              "mix confirmed on the first adapter's restoration) or topk (the paper's)")
+                              "mix confirmed on the first adapter's restoration), cascade (the first adapter's "
+                              "restoration routed again for a second) or topk (the paper's)")
     restore.add_argument("--top-k", type=int, default=None, help="adapters kept by topk, and at most by gated")
     restore.add_argument("--mix-threshold", type=float, default=None,
-                         help="gated, confirmed: second adapter's presence that means a mix (default: the router's)")
+                         help="gated, confirmed, cascade: second adapter's presence that means a mix (default: the router's)")
     restore.add_argument("--composition", choices=["sequential", "weights", "planned"], default=None,
                          help="a mix: adapters one after another, their weights merged (the paper's), or each pair "
                               "as its plan in the models' restoration.json says")

@@ -167,7 +167,7 @@ def restore_main(args: argparse.Namespace) -> int:
             if forced is None:
                 tiles = restorer.tiles(image.shape)
                 with tqdm(total=tiles, desc=f"{path.name} confirming a mix", unit="tile", file=sys.stderr, leave=False,
-                          position=1, disable=settings.policy != "confirmed" or tiles < 8) as bar:
+                          position=1, disable=settings.policy not in ("confirmed", "cascade") or tiles < 8) as bar:
                     analysis = restorer.analyse(image, on_tile=bar.update)
                 entry.update(weights=analysis.weights, steps=analysis.steps, unknown=analysis.unknown,
                              clean=analysis.clean, presence={n: round(p, 4) for n, p in analysis.presence.items()},

@@ -178,7 +178,7 @@ class Router(Strict):
 class RestorationChoice(Strict):
     """One candidate of ``restoration.candidates``: overrides of the fields of ``restoration``."""
 
-    policy: Literal["top1", "gated", "confirmed", "topk"] = None
+    policy: Literal["top1", "gated", "confirmed", "cascade", "topk"] = None
     top_k: int = Field(default=None, ge=1)
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"] = None
@@ -190,7 +190,7 @@ class Restoration(Strict):
     """Inference-only choices: read by ``select_restoration``, ``evaluate`` and ``uir restore``, never by a
     training stage."""
 
-    policy: Literal["top1", "gated", "confirmed", "topk"]
+    policy: Literal["top1", "gated", "confirmed", "cascade", "topk"]
     top_k: int = PositiveInt
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"]

@@ -349,6 +349,60 @@ def test_confirmed_routing_keeps_a_mix_only_if_the_first_adapters_restoration_st
         assert np.array_equal(checked.restore(image), restorer.restore(image, weights={first: 1.0}))
 
 
+def _clean_after_first(restorer, monkeypatch, image, on_image: bool = False):
+    """The router calls every input other than ``image`` clean, and ``image`` itself clean if ``on_image``."""
+    from pipeline.models.restorer import to_float
+
+    route_crops, crops_of_image = restorer.router.route_crops, restorer._route_crops(to_float(image)[0] * 2 - 1)
+
+    def route(crops):
+        routing = route_crops(crops)
+        routing.clean = torch.full_like(routing.clean, on_image or not torch.equal(crops, crops_of_image))
+        return routing
+
+    monkeypatch.setattr(restorer.router, "route_crops", route)
+
+
+@pytest.mark.parametrize("on_image,elsewhere,clean_after,expected", [
+    (0.1, 0.9, False, 2),  # a single on the image, a second degradation shows once the first is undone: two
+    (0.9, 0.9, False, 2),  # a mix on the image that still shows: two, as confirmed
+    (0.9, 0.1, False, 1),  # a mix on the image gone once the first is undone: one
+    (0.1, 0.1, False, 1),  # a single that stays a single: one
+    (0.1, 0.9, True, 1),  # the first adapter's restoration is called clean: nothing more
+])
+def test_cascade_routing_adds_what_the_first_adapters_restoration_shows(tiny_models, monkeypatch, on_image,
+                                                                           elsewhere, clean_after, expected):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8,
+                                                 settings=RestorationSettings(policy="cascade", mix_threshold=0.5,
+                                                                              composition="sequential"))
+    image = rgb(40, 56, seed=11)
+    _presence_on(restorer, monkeypatch, image, on_image=on_image, elsewhere=elsewhere)
+    if clean_after:
+        _clean_after_first(restorer, monkeypatch, image)
+    analysis = restorer.analyse(image)
+    first = analysis.ranking[0]
+    assert set(analysis.confirmation) == set(restorer.names) - {first}, "every other adapter is read again"
+    assert len(analysis.weights) == expected and first in analysis.weights
+    if expected == 2:  # the most present other on the restoration; all tie here, so the next by the router's rank
+        second = analysis.ranking[1]
+        assert set(analysis.weights) == {first, second}
+        assert np.array_equal(restorer.restore(image, analysis=analysis),
+                              restorer.restore(image, weights={first: 0.5, second: 0.5}))
+    else:  # exactly the first adapter alone
+        assert np.array_equal(restorer.restore(image, analysis=analysis), restorer.restore(image, weights={first: 1.0}))
+
+
+def test_cascade_routing_of_a_clean_image_restores_nothing(tiny_models, monkeypatch):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
+                                                 settings=RestorationSettings(policy="cascade", mix_threshold=0.5))
+    image = rgb(40, 56, seed=12)
+    _presence_on(restorer, monkeypatch, image, on_image=0.9, elsewhere=0.9)
+    _clean_after_first(restorer, monkeypatch, image, on_image=True)
+    analysis = restorer.analyse(image)
+    assert analysis.unchanged and analysis.confirmation == {} and restorer.cache.misses == 1, "the routing alone"
+    assert np.array_equal(restorer.restore(image, analysis=analysis), image)
+
+
 def _cached_confirming(tiny_models, monkeypatch, image, on_image: float) -> UniversalRestorer:
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
                                                  settings=RestorationSettings(policy="confirmed", mix_threshold=0.5))

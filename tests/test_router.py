@@ -39,6 +39,9 @@ def test_top_k_table(probabilities, k, expected):
     # confirmed: the gate's choice here; the restorer confirms it on the first adapter's restoration
     ([[0.55, 0.40, 0.05]], [[0.90, 0.10, 0.80]], "confirmed", [[0.5, 0.0, 0.5]]),
     ([[0.90, 0.08, 0.02]], [[0.95, 0.05, 0.01]], "confirmed", [[1.0, 0.0, 0.0]]),
+    # cascade: the gate's choice here too; the restorer routes the first adapter's restoration again
+    ([[0.55, 0.40, 0.05]], [[0.90, 0.10, 0.80]], "cascade", [[0.5, 0.0, 0.5]]),
+    ([[0.90, 0.08, 0.02]], [[0.95, 0.05, 0.01]], "cascade", [[1.0, 0.0, 0.0]]),
     ([[0.55, 0.40, 0.05]], [[0.90, 0.90, 0.00]], "top1", [[1.0, 0.0, 0.0]]),
     ([[0.90, 0.08, 0.02]], [[0.90, 0.00, 0.00]], "topk", [[0.90 / 0.98, 0.08 / 0.98, 0.0]]),  # the paper's: always K
 ])
@@ -48,7 +51,7 @@ def test_routing_policies(probabilities, presence, policy, expected):
     assert torch.allclose(weights, torch.tensor(expected))
 
 
-@pytest.mark.parametrize("policy", ["gated", "confirmed"])
+@pytest.mark.parametrize("policy", ["gated", "confirmed", "cascade"])
 def test_gated_routing_needs_presence(policy):
     with pytest.raises(ValueError, match="presence"):
         select_adapters(torch.ones(1, 2) / 2, policy)

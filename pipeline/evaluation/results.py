@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.files import atomic_path, read_json
+from pipeline.models.router import MIX_THRESHOLD_POLICIES
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -97,7 +98,7 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
     router = {k: [runs[s]["router"][k] for s in seeds] for k in ("top1_accuracy", "mix_recall", "unknown_rate",
                                                                  "single_given_two_or_more", "mixed_given_two_or_more")}
     chosen = "; ".join(f"{s}: {runs[s]['restoration']['policy']}, {runs[s]['restoration']['composition']}"
-                       + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] in ("gated", "confirmed") else "")
+                       + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] in MIX_THRESHOLD_POLICIES else "")
                        + (", unknown routed" if runs[s]["restoration"].get("unknown") == "route" else "")
                        + f", {runs[s]['restoration'].get('noise_level', 'analytic')} noise level"
                        for s in seeds)

@@ -45,9 +45,13 @@ class RestorationSettings:
     Args:
         policy: ``top1``, ``gated`` (a second adapter only when its presence reaches the mix threshold),
             ``confirmed`` (gated, and the second adapter's presence still reaches it once the first adapter
-            alone has restored the image: a single that merely looks like a mix is not given two), or ``topk``
-            (the paper's: the ``top_k`` most probable, renormalised).
-        top_k: adapters kept by ``topk``, and at most by ``gated``.
+            alone has restored the image: a single that merely looks like a mix is not given two), ``topk``
+            (the paper's: the ``top_k`` most probable, renormalised), or ``cascade`` (the first adapter, then the
+            router reads its restoration again: each other degradation whose presence reaches the mix threshold
+            there is added, the most present first, up to ``top_k`` in all; none where it calls the restoration
+            clean): a degradation that another hides in the input — low light under noise — is found once the
+            first is undone.
+        top_k: adapters kept by ``topk``, and at most by ``gated``, ``confirmed`` and ``cascade``.
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
             other mixes sequential.
@@ -131,7 +135,7 @@ class Analysis:
     unchanged: bool = False  # clean, or unknown with ``unknown: identity``: left as it is
     steps: list[dict[str, float]] = field(default_factory=list)  # what restore() applies, in order
     # policy ``confirmed``: each adapter the gate added, its presence once the first adapter alone has restored
-    # the image (kept at or above the mix threshold)
+    # the image (kept at or above the mix threshold); ``cascade``: every other adapter's there
     confirmation: dict[str, float] = field(default_factory=dict)
 
 
@@ -390,11 +394,14 @@ class UniversalRestorer:
             return {n: float(v) for n, v in zip(self.names, values[0])}
 
         confirmation = {}
-        if settings.policy == "confirmed" and len(chosen) > 1 and not unchanged:
+        cascade = settings.policy == "cascade"
+        if (cascade or (settings.policy == "confirmed" and len(chosen) > 1)) and not unchanged:
             first = ranking[0]
             restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
-            confirmation = {n: p for n, p in by_name(self._routing(restored).presence).items() if n in chosen and n != first}
-            kept = [first] + [n for n, p in confirmation.items() if p >= threshold]
+            after = self._routing(restored)
+            confirmation = {n: p for n, p in by_name(after.presence).items() if n != first and (cascade or n in chosen)}
+            found = sorted((n for n in ranking[1:] if confirmation.get(n, -1.0) >= threshold), key=lambda n: -confirmation[n])
+            kept = [first] + ([] if cascade and bool(after.clean[0]) else found[: settings.top_k - 1])
             chosen = {n: 1.0 / len(kept) for n in kept}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),

@@ -66,8 +66,8 @@ class RouterConfig:
 CLEAN_DESCRIPTION = "a clean, sharp, well-exposed photograph without any degradation"
 
 
-POLICIES = ("top1", "gated", "confirmed", "topk")
-MIX_THRESHOLD_POLICIES = ("gated", "confirmed")  # those that add a second adapter by its presence
+POLICIES = ("top1", "gated", "confirmed", "cascade", "topk")
+MIX_THRESHOLD_POLICIES = ("gated", "confirmed", "cascade")  # those that add a second adapter by its presence
 CLEAN_OUTPUTS = ("prototype", "presence")
 
 
@@ -125,9 +125,9 @@ def select_adapters(probabilities: torch.Tensor, policy: str, top_k: int = 2, mi
 
     ``topk``: the ``top_k`` most probable, weighted by their renormalised ``probabilities`` (the paper).
     ``top1``: the most probable alone. ``gated``: the most probable, plus the next ones by ``presence``
-    (up to ``top_k`` in all) whose presence reaches ``mix_threshold``, in equal parts; ``confirmed`` keeps the
-    same here (the restorer then drops each added adapter whose degradation is gone once the first adapter
-    has restored the image). Ties keep the lower index (a stable sort), so routing is deterministic.
+    (up to ``top_k`` in all) whose presence reaches ``mix_threshold``, in equal parts; ``confirmed`` and
+    ``cascade`` keep the same here (the restorer then routes the first adapter's restoration again: it drops
+    each added adapter whose degradation is gone, and ``cascade`` also adds one that only shows there). Ties keep the lower index (a stable sort), so routing is deterministic.
     """
     if policy not in POLICIES:
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
