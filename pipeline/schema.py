@@ -181,6 +181,7 @@ class RestorationChoice(Strict):
     policy: Literal["top1", "gated", "confirmed", "cascade", "topk"] = None
     top_k: int = Field(default=None, ge=1)
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    cascade_gate: float = Field(default=None, ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"] = None
     unknown: Literal["identity", "route"] = None
     noise_level: Literal["learned", "analytic"] = None
@@ -193,6 +194,7 @@ class Restoration(Strict):
     policy: Literal["top1", "gated", "confirmed", "cascade", "topk"]
     top_k: int = PositiveInt
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
+    cascade_gate: float = Field(ge=0, le=1)
     composition: Literal["sequential", "weights", "planned"]
     unknown: Literal["identity", "route"]
     noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂

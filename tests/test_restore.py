@@ -363,25 +363,30 @@ def _clean_after_first(restorer, monkeypatch, image, on_image: bool = False):
     monkeypatch.setattr(restorer.router, "route_crops", route)
 
 
-@pytest.mark.parametrize("on_image,elsewhere,clean_after,expected", [
-    (0.1, 0.9, False, 2),  # a single on the image, a second degradation shows once the first is undone: two
-    (0.9, 0.9, False, 2),  # a mix on the image that still shows: two, as confirmed
-    (0.9, 0.1, False, 1),  # a mix on the image gone once the first is undone: one
-    (0.1, 0.1, False, 1),  # a single that stays a single: one
-    (0.1, 0.9, True, 1),  # the first adapter's restoration is called clean: nothing more
+@pytest.mark.parametrize("on_image,gate,elsewhere,clean_after,expected", [
+    (0.1, 0.0, 0.9, False, 2),  # a single on the image, a second degradation shows once the first is undone: two
+    (0.1, 0.05, 0.9, False, 2),  # the same, its presence on the image reaching the gate
+    (0.9, 0.0, 0.9, False, 2),  # a mix on the image that still shows: two, as confirmed
+    (0.9, 0.0, 0.1, False, 1),  # a mix on the image gone once the first is undone: one
+    (0.1, 0.0, 0.1, False, 1),  # a single that stays a single: one
+    (0.1, 0.0, 0.9, True, 1),  # the first adapter's restoration is called clean: nothing more
+    (0.1, 0.5, 0.9, False, 1),  # nothing on the image reaches the gate: nothing is read again
 ])
-def test_cascade_routing_adds_what_the_first_adapters_restoration_shows(tiny_models, monkeypatch, on_image,
+def test_cascade_routing_adds_what_the_first_adapters_restoration_shows(tiny_models, monkeypatch, on_image, gate,
                                                                            elsewhere, clean_after, expected):
-    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8,
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
                                                  settings=RestorationSettings(policy="cascade", mix_threshold=0.5,
-                                                                              composition="sequential"))
+                                                                              cascade_gate=gate, composition="sequential"))
     image = rgb(40, 56, seed=11)
     _presence_on(restorer, monkeypatch, image, on_image=on_image, elsewhere=elsewhere)
     if clean_after:
         _clean_after_first(restorer, monkeypatch, image)
     analysis = restorer.analyse(image)
     first = analysis.ranking[0]
-    assert set(analysis.confirmation) == set(restorer.names) - {first}, "every other adapter is read again"
+    if on_image >= gate:
+        assert set(analysis.confirmation) == set(restorer.names) - {first}, "every other adapter is read again"
+    else:
+        assert analysis.confirmation == {} and restorer.cache.misses == 1, "the routing alone"
     assert len(analysis.weights) == expected and first in analysis.weights
     if expected == 2:  # the most present other on the restoration; all tie here, so the next by the router's rank
         second = analysis.ranking[1]

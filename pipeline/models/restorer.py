@@ -50,9 +50,11 @@ class RestorationSettings:
             router reads its restoration again: each other degradation whose presence reaches the mix threshold
             there is added, the most present first, up to ``top_k`` in all; none where it calls the restoration
             clean): a degradation that another hides in the input — low light under noise — is found once the
-            first is undone.
+            first is undone. A degradation is only read again where its presence on the input itself reached
+            ``cascade_gate``: weak evidence there, strong evidence once the first is undone.
         top_k: adapters kept by ``topk``, and at most by ``gated``, ``confirmed`` and ``cascade``.
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
+        cascade_gate: ``cascade``: the presence on the input at or above which a degradation is read again.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
             other mixes sequential.
         unknown: an image of an unrecognised degradation is left as it is (``identity``) or restored by its
@@ -72,6 +74,7 @@ class RestorationSettings:
     policy: str = "gated"
     top_k: int = 2
     mix_threshold: float | None = None
+    cascade_gate: float = 0.0
     composition: str = "sequential"
     unknown: str = "identity"
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
@@ -83,6 +86,7 @@ class RestorationSettings:
                   (isinstance(self.top_k, int) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k!r}"),
                   (self.mix_threshold is None or 0 <= self.mix_threshold <= 1,
                    f"mix_threshold must be in [0, 1], got {self.mix_threshold!r}"),
+                  (0 <= self.cascade_gate <= 1, f"cascade_gate must be in [0, 1], got {self.cascade_gate!r}"),
                   (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
                   (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}"),
                   (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")]
@@ -393,15 +397,18 @@ class UniversalRestorer:
         def by_name(values: torch.Tensor) -> dict[str, float]:
             return {n: float(v) for n, v in zip(self.names, values[0])}
 
-        confirmation = {}
-        cascade = settings.policy == "cascade"
-        if (cascade or (settings.policy == "confirmed" and len(chosen) > 1)) and not unchanged:
-            first = ranking[0]
-            restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
-            after = self._routing(restored)
-            confirmation = {n: p for n, p in by_name(after.presence).items() if n != first and (cascade or n in chosen)}
-            found = sorted((n for n in ranking[1:] if confirmation.get(n, -1.0) >= threshold), key=lambda n: -confirmation[n])
-            kept = [first] + ([] if cascade and bool(after.clean[0]) else found[: settings.top_k - 1])
+        confirmation, first = {}, ranking[0]
+        if settings.policy == "cascade":
+            presence = by_name(routing.presence)
+            candidates = [n for n in ranking[1:] if presence[n] >= settings.cascade_gate]
+        else:
+            candidates = [n for n in ranking[1:] if n in chosen] if settings.policy == "confirmed" else []
+        if candidates and not unchanged:
+            after = self._routing(self.restore_tensor(x, [{first: 1.0}], on_tile))
+            presence_after = by_name(after.presence)
+            confirmation = {n: presence_after[n] for n in candidates}
+            found = sorted((n for n in candidates if confirmation[n] >= threshold), key=lambda n: -confirmation[n])
+            kept = [first] + ([] if settings.policy == "cascade" and bool(after.clean[0]) else found[: settings.top_k - 1])
             chosen = {n: 1.0 / len(kept) for n in kept}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),

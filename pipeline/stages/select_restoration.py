@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         s = row["settings"]
         print(f"{STAGE}: {s['policy']:<9} {s['composition']:<10} unknown {s['unknown']:<8} noise level {s['noise_level']:<8} "
-              f"mix threshold {s['mix_threshold']}: val PSNR "
+              f"mix threshold {s['mix_threshold']}" + (f" gate {s['cascade_gate']}" if s["policy"] == "cascade" else "")
+              + f": val PSNR "
               f"{row['mean_psnr']:.2f} ± {row['standard_error_to_best']:.2f} (single {row['single_psnr']:.2f}, mixed "
               f"{row['mixed_psnr'] or float('nan'):.2f}), {row['adapters_per_image']:.2f} adapters per image")
     print(f"{STAGE}: chose {chosen}")
