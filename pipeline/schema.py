@@ -156,6 +156,9 @@ class RouterTrain(Optimisation):
     mix_orders: Literal["listed", "both"]  # each pair of degradations applied in the listed order, or in both
     tone_patches: int = Field(ge=0)
     tone: Optional[ToneRanges]
+    # Each training patch holding noise once more, denoised by the frozen backbone at t(σ̂) and labelled with
+    # its other components ("clean" where noise was all): what ``confirmed`` and ``cascade`` routing read again.
+    denoised: bool
 
     @model_validator(mode="after")
     def _tone_for_toned_patches(self) -> "RouterTrain":

@@ -318,6 +318,28 @@ def test_patch_sets_target_the_components_or_clean(tiny_project):
     assert patch_set(params, ["noise"], str(tiny_project / "data/clean"), "train", pairs(["noise"]), 8, 16, "t") is None
 
 
+
+def test_denoised_sets_hold_the_noisy_images_restored_and_labelled_without_noise(tiny_models):
+    from pipeline.data.datasets import LabelledImages
+    from pipeline.models.backbone import OneStepReadout, load_backbone
+    from pipeline.models.severity import estimate_noise_sigma
+    from pipeline.training.router import denoised_set
+
+    unet, scheduler = load_backbone(tiny_models / "backbone")
+    readout = OneStepReadout(scheduler)
+    torch.manual_seed(0)
+    images = [torch.rand(3, 16, 16) * 2 - 1 for _ in range(4)]
+    # columns: noise, jpeg, clean — a noise single, a noise+jpeg mix, a jpeg single, a clean image
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    made = denoised_set([LabelledImages(images[:2], targets[:2]), LabelledImages(images[2:], targets[2:])], 0,
+                        unet, readout, batch_size=1)
+    assert made.targets.tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], "noise alone -> clean; the mix -> its jpeg"
+    y = torch.stack(images[:2])
+    with torch.no_grad():
+        expected = readout(unet, y, readout.timesteps_for_sigma(estimate_noise_sigma(y))).clamp(-1, 1)
+    assert torch.allclose(torch.stack(made.images), expected, atol=1e-5)
+    assert denoised_set([LabelledImages(images[2:], targets[2:])], 0, unet, readout) is None
+
 @pytest.mark.parametrize("degraded_clean_probability,expected_threshold,expected_detection", [
     # 1 of 100 degraded may be called clean: 0.02 to 0.50 find every clean image, the middle of them
     ([0.01] * 99 + [0.95], 0.26, 1.0),
@@ -463,6 +485,22 @@ def test_a_pretrained_router_for_other_degradations_is_refused(router_project, t
         fit_router.main([])
     assert not (root / "models/router").exists()
 
+
+def test_fit_router_trains_on_denoised_patches_too(router_project, tiny_models, monkeypatch, capsys):
+    from pipeline.config import compose_params
+    from pipeline.models.router import DegradationRouter
+    from pipeline.stages import fit_router
+
+    root, overrides = router_project
+    compose_params(root / "params.yaml", ROOT / "conf", [*overrides, "router.train.denoised=true"])
+    monkeypatch.chdir(root)
+    fit_router.main(["--backbone", str(tiny_models / "backbone"), "--out", "denoised"])
+    counts = dict(part.rsplit(" ", 1) for part in capsys.readouterr().out.split("training patches: ")[1].splitlines()[0].split(", "))
+    assert int(counts["denoised"]) > 0 and int(counts["denoised"]) < int(counts["singles"]) + int(counts["mixes"])
+    assert DegradationRouter.from_pretrained("denoised").names == ["noise", "jpeg"]
+    with pytest.raises(FileNotFoundError, match="config.json missing"):
+        fit_router.main(["--backbone", "missing", "--out", "nothing"])
+    assert not (root / "nothing").exists()
 
 @pytest.mark.parametrize("negatives,positives,max_rate,expected", [
     ([0.11] * 10, [0.71] * 10, 0.0, 0.41),  # 0.12 to 0.70 all separate them: the middle, not the lowest

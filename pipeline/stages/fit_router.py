@@ -3,7 +3,9 @@
 Trained on the single-degradation training sets, plus (``router.train.mixed_patches`` > 0) random
 pairs of degradations (in the listed order, or in both: ``router.train.mix_orders``) applied to clean training patches, labelled with both components, plus the clean
 patches themselves, labelled "clean", plus (``router.train.tone_patches`` > 0) singles and clean patches
-whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes).
+whose clean photo had its tone changed first (``router.train.tone``, also applied to the training mixes), plus
+(``router.train.denoised``) every training patch that holds noise denoised by the frozen backbone (``--backbone``)
+at t(σ̂), labelled with its other components: what ``confirmed`` and ``cascade`` routing read again.
 The unknown-degradation, mix and clean thresholds are calibrated on validation data. With ``router.pretrained``
 set, that router folder is validated instead (its degradations must be these, in this order) and kept with the
 thresholds it was calibrated with on its own validation photographs; this run's rates at them are reported.
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data/degraded")
     parser.add_argument("--clean", default="data/clean")
+    parser.add_argument("--backbone", default="models/backbone", help="the frozen backbone (router.train.denoised)")
     parser.add_argument("--out", default="models/router")
     parser.add_argument("--metrics", default=f"reports/{STAGE}.json")
     parser.add_argument("--checkpoints", default=f"checkpoints/{STAGE}")
@@ -50,14 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.data.loaders import ShuffledD4Sampler, evaluation_loader, training_loader
     from pipeline.data.synthesis import ToneJitter
     from pipeline.files import write_json
+    from pipeline.models.backbone import OneStepReadout, load_backbone
     from pipeline.models.card import append_validation, data_digest, router_card
     import pipeline.models.router as router_model
     import pipeline.training.router as router_training
     from pipeline.models.router import CLEAN_DESCRIPTION, DegradationRouter, RouterConfig, text_prototypes
     from pipeline.tracking import finish, log_model_folder, make_logger, wandb_mode
     from pipeline.training.router import (RouterTraining, calibrate_clean_threshold, calibrate_known_threshold,
-                                          calibrate_mix_threshold, calibrate_threshold, clean_rates, clean_set, mix_rates, pairs, patch_set,
-                                          with_clean_column)
+                                          calibrate_mix_threshold, calibrate_threshold, clean_rates, clean_set, denoised_set, mix_rates, pairs,
+                                          patch_set, with_clean_column)
     from pipeline.training.trainer import build_trainer, fit, resume_checkpoint, seed
 
     seed(params)
@@ -78,6 +82,15 @@ def main(argv: list[str] | None = None) -> None:
         parts[split] = {"singles": with_clean_column(LabelledImages.from_sets(roots, split)), "mixes": made["mixes"],
                         "clean": clean_set(roots[0], split, len(names) + 1), "toned": made.get("toned")}
         parts[split] = {kind: images for kind, images in parts[split].items() if images is not None}
+    if cfg.train.denoised and not cfg.pretrained:
+        if "noise" not in names:
+            raise SystemExit(f"{STAGE}: router.train.denoised needs a degradation named noise, got {names}")
+        unet, scheduler = load_backbone(args.backbone)
+        train = parts["train"]
+        denoised = denoised_set([train[kind] for kind in ("singles", "mixes") if kind in train], names.index("noise"),
+                                unet.eval(), OneStepReadout(scheduler))
+        if denoised is not None:
+            train["denoised"] = denoised
 
     if cfg.pretrained:
         router = DegradationRouter.from_pretrained(cfg.pretrained)
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         code = [Path(router_model.__file__), Path(router_training.__file__)]
         ckpt_path = resume_checkpoint(args.checkpoints, params, [*roots, args.clean, *code])
         train_set = ConcatDataset(list(parts["train"].values()))
+        print(f"{STAGE}: training patches: " + ", ".join(f"{kind} {len(images)}" for kind, images in parts["train"].items()))
         train_loader = training_loader(D4Augmented(train_set), ShuffledD4Sampler(len(train_set), cfg.train.batch_size,
                                                                                 params.seed), params.trainer.num_workers)
         fit(trainer, module, cfg.train.val_every, ckpt_path, train_dataloaders=train_loader, val_dataloaders=val_loaders)

@@ -19,7 +19,9 @@ from torchmetrics import MeanMetric
 from pipeline.data.datasets import LabelledImages, PairedDataset
 from pipeline.data.tensors import to_tensor
 from pipeline.data.synthesis import ToneJitter, degraded_patches, load_clean
+from pipeline.models.backbone import OneStepReadout
 from pipeline.models.router import DegradationRouter, Routing, select_adapters
+from pipeline.models.severity import rule_timesteps
 from pipeline.training.schedules import warmup_cosine
 
 
@@ -149,6 +151,30 @@ def clean_set(root: str | Path, split: str, classes: int) -> LabelledImages:
     ``classes`` columns."""
     images = PairedDataset(Path(root) / split).gt
     return LabelledImages(images, F.one_hot(torch.full((len(images),), classes - 1), classes))
+
+
+@torch.no_grad()
+def denoised_set(sets: list[LabelledImages], noise: int, unet: torch.nn.Module, readout: OneStepReadout,
+                 batch_size: int = 64) -> LabelledImages | None:
+    """The images of ``sets`` that hold degradation column ``noise``, denoised by the frozen backbone in one step
+    at t(σ̂) (the analytic noise level), each labelled uniformly over its other components, or "clean" (the
+    last column) where noise was its only one. None where no image holds noise.
+
+    ``confirmed`` and ``cascade`` routing read the noise adapter's restoration again; a router that never saw a
+    denoised image read 1 of 3 denoised test crops of bright photos as low light (0.90 on one of mean 0.78)."""
+    images = [image for part in sets for image, target in zip(part.images, part.targets) if target[noise] > 0]
+    if not images:
+        return None
+    targets = torch.cat([part.targets[part.targets[:, noise] > 0] for part in sets])
+    targets[:, noise] = 0.0
+    left = targets[:, :-1].sum(-1) == 0
+    targets[left, -1] = 1.0
+    targets = targets / targets.sum(-1, keepdim=True)
+    restored = []
+    for start in range(0, len(images), batch_size):
+        y = torch.stack(images[start : start + batch_size])
+        restored += list(readout(unet, y, rule_timesteps("noise_sigma", 0, y, readout)).clamp(-1, 1))
+    return LabelledImages(restored, targets)
 
 
 def with_clean_column(images: LabelledImages) -> LabelledImages:
