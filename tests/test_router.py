@@ -318,7 +318,6 @@ def test_patch_sets_target_the_components_or_clean(tiny_project):
     assert patch_set(params, ["noise"], str(tiny_project / "data/clean"), "train", pairs(["noise"]), 8, 16, "t") is None
 
 
-
 def test_denoised_sets_hold_the_noisy_images_restored_and_labelled_without_noise(tiny_models):
     from pipeline.data.datasets import LabelledImages
     from pipeline.models.backbone import OneStepReadout, load_backbone
@@ -339,6 +338,7 @@ def test_denoised_sets_hold_the_noisy_images_restored_and_labelled_without_noise
         expected = readout(unet, y, readout.timesteps_for_sigma(estimate_noise_sigma(y))).clamp(-1, 1)
     assert torch.allclose(torch.stack(made.images), expected, atol=1e-5)
     assert denoised_set([LabelledImages(images[2:], targets[2:])], 0, unet, readout) is None
+
 
 @pytest.mark.parametrize("degraded_clean_probability,expected_threshold,expected_detection", [
     # 1 of 100 degraded may be called clean: 0.02 to 0.50 find every clean image, the middle of them
@@ -501,6 +501,7 @@ def test_fit_router_trains_on_denoised_patches_too(router_project, tiny_models, 
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         fit_router.main(["--backbone", "missing", "--out", "nothing"])
     assert not (root / "nothing").exists()
+
 
 @pytest.mark.parametrize("negatives,positives,max_rate,expected", [
     ([0.11] * 10, [0.71] * 10, 0.0, 0.41),  # 0.12 to 0.70 all separate them: the middle, not the lowest

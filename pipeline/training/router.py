@@ -21,7 +21,7 @@ from pipeline.data.tensors import to_tensor
 from pipeline.data.synthesis import ToneJitter, degraded_patches, load_clean
 from pipeline.models.backbone import OneStepReadout
 from pipeline.models.router import DegradationRouter, Routing, select_adapters
-from pipeline.models.severity import rule_timesteps
+from pipeline.models.severity import estimate_noise_sigma
 from pipeline.training.schedules import warmup_cosine
 
 
@@ -160,8 +160,9 @@ def denoised_set(sets: list[LabelledImages], noise: int, unet: torch.nn.Module, 
     at t(σ̂) (the analytic noise level), each labelled uniformly over its other components, or "clean" (the
     last column) where noise was its only one. None where no image holds noise.
 
-    ``confirmed`` and ``cascade`` routing read the noise adapter's restoration again; a router that never saw a
-    denoised image read 1 of 3 denoised test crops of bright photos as low light (0.90 on one of mean 0.78)."""
+    ``confirmed`` and ``cascade`` routing read the noise adapter's restoration again; the shipped router, which
+    never saw a denoised image, read 33 of seed 20240930's 48 denoised test noise crops as low light (presence
+    ≥ 0.5; 0.90 on a crop of mean brightness 0.78)."""
     images = [image for part in sets for image, target in zip(part.images, part.targets) if target[noise] > 0]
     if not images:
         return None
@@ -173,7 +174,7 @@ def denoised_set(sets: list[LabelledImages], noise: int, unet: torch.nn.Module, 
     restored = []
     for start in range(0, len(images), batch_size):
         y = torch.stack(images[start : start + batch_size])
-        restored += list(readout(unet, y, rule_timesteps("noise_sigma", 0, y, readout)).clamp(-1, 1))
+        restored += list(readout(unet, y, readout.timesteps_for_sigma(estimate_noise_sigma(y))).clamp(-1, 1))
     return LabelledImages(restored, targets)
 
 
