@@ -369,7 +369,8 @@ def _engine_quality(composition: AdapterComposition, engines: dict, testsets: Pa
             sets.setdefault("Kodak24 σ=25", []).append((*pair, "noise"))
     for name in composition.names:
         for lq in sorted((degraded / name / "test" / "lq").glob("*.png")):
-            pair = [torch.from_numpy(read_image(f)[..., :3]).permute(2, 0, 1).float() / 255
+            # torch.tensor copies: the decoded array is read-only
+            pair = [torch.tensor(read_image(f)[..., :3]).permute(2, 0, 1).float() / 255
                     for f in (lq, lq.parent.parent / "gt" / lq.name)]
             sets.setdefault(f"{name} test", []).append((*pair, name))
     scores = {}
