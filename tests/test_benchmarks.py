@@ -140,7 +140,8 @@ def test_growth_adds_one_degradation_trained_like_noise():
     grown = add_degradation(params)
     assert set(grown["degradations"]) == set(params["degradations"]) | {NEW}
     assert grown["degradations"][NEW]["adapter"] == params["degradations"]["noise"]["adapter"]
-    assert NEW not in params["degradations"], "the input is left alone"
+    assert grown["router"]["pretrained"] is None, "a pretrained router knows only the degradations it was trained on"
+    assert NEW not in params["degradations"] and params["router"]["pretrained"], "the input is left alone"
 
 
 def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_models, params, tmp_path):
