@@ -55,18 +55,30 @@ def timed_repro(project: Path) -> dict:
         stages, current, started, tail = {}, None, time.perf_counter(), deque(maxlen=40)
         process = subprocess.Popen([*dvc, "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
+        restored = []
         for line in process.stdout:
             tail.append(line)
-            if line.startswith("Running stage '"):
+            cached = line.startswith("Stage '") and "is cached" in line  # outputs restored from DVC's run cache
+            if line.startswith("Running stage '") or cached:
                 now = time.perf_counter()
                 if current:
                     stages[current] = now - stage_start
                 current, stage_start = line.split("'")[1], now
+                if cached:
+                    restored.append(current)
         if process.wait() != 0:
             raise RuntimeError("the growth `dvc repro` failed; its last lines:\n" + "".join(tail))
         total = time.perf_counter() - started
         if current:
             stages[current] = time.perf_counter() - stage_start
-    uir = sum(v for k, v in stages.items() if k in (f"synthesize@{NEW}", f"train_lora@{NEW}", "fit_router"))
-    return {"degradation": NEW, "stages": stages, "total_seconds": total, "uir_lora_seconds": uir,
+    return {"degradation": NEW, "stages": stages, "restored": restored, "total_seconds": total, **summary(stages)}
+
+
+BASELINES_AND_EVALUATION = ("train_multitask", "train_shared_lora", "evaluate")
+
+
+def summary(stages: dict[str, float]) -> dict:
+    """UIR-LoRA's own part of a growth run: every stage but the baselines' and the evaluation (its data, its
+    LoRA, noise level estimator, router and restoration settings)."""
+    return {"uir_lora_seconds": sum(v for k, v in stages.items() if k not in BASELINES_AND_EVALUATION),
             "multitask_seconds": stages.get("train_multitask"), "trained_loras": [s for s in stages if s.startswith("train_lora@")]}

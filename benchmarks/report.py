@@ -58,8 +58,11 @@ def markdown(result: dict) -> str:
         rows = [[stage, f"{seconds:.0f}"] for stage, seconds in g["stages"].items()]
         parts.append(f"\n**`dvc repro` after adding one degradation** (`{g['degradation']}`, timed stage by stage in a "
                      f"clone): {g['total_seconds'] / 60:.1f} min in all; LoRAs trained: {', '.join(g['trained_loras'])}. "
-                     f"UIR-LoRA's own part (its data, its LoRA, the router) {g['uir_lora_seconds']:.0f} s; the rest "
-                     f"retrains the union baselines and re-evaluates (multi-task alone {g['multitask_seconds']:.0f} s).")
+                     f"UIR-LoRA's own part (every stage but the baselines' and the evaluation: its data, its LoRA, noise "
+                     f"level estimator, router and restoration settings) {g['uir_lora_seconds']:.0f} s; the rest retrains "
+                     f"the union baselines and re-evaluates (multi-task alone {g['multitask_seconds']:.0f} s)."
+                     + (f" Restored from DVC's run cache (an earlier run's outputs, so not timed here): "
+                        f"{', '.join(g['restored'])}." if g.get("restored") else ""))
         parts.append(_table(["stage", "seconds"], rows))
     if "inference" in result:
         inf = result["inference"]

@@ -121,13 +121,17 @@ def test_report_renders_every_section():
                             "peak_rss_mb": 700}],
         "routing": [{"benchmark": "LIVE1 JPEG q=10", "truth": "jpeg", "images": 4, "as_truth": 3, "unchanged": 1,
                      "decisions": {"jpeg": 3, "clean": 1}}],
+        "growth_repro": {"degradation": "speckle", "stages": {"train_lora@speckle": 40.0, "evaluate": 300.0},
+                         "restored": ["synthesize@speckle"], "total_seconds": 400.0, "uir_lora_seconds": 40.0,
+                         "multitask_seconds": 700.0, "trained_loras": ["train_lora@speckle"]},
     }
     text = markdown(result)
     for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 | — | 0.800 |", "| CBSD68 noise σ=25 | CBM3D |  |  |  |  | 30.71 |",
                    "published, not run here", "Cost of growth", "of matmul rate", "620,000", "1024²",
                    "| ONNX Runtime fp32 | K=2 | 812 |", "| Kodak24 σ=25 | 30.00 | 29.50 |", "| QuantizeLinear | 0 % | 30 % |",
                    "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |",
-                   "| LIVE1 JPEG q=10 | 4 | 3 (75 %) | 1 | jpeg 3, clean 1 |"):
+                   "| LIVE1 JPEG q=10 | 4 | 3 (75 %) | 1 | jpeg 3, clean 1 |", "| train_lora@speckle | 40 |",
+                   "not timed here): synthesize@speckle."):
         assert needle in text
 
 
@@ -142,6 +146,14 @@ def test_growth_adds_one_degradation_trained_like_noise():
     assert grown["degradations"][NEW]["adapter"] == params["degradations"]["noise"]["adapter"]
     assert grown["router"]["pretrained"] is None, "a pretrained router knows only the degradations it was trained on"
     assert NEW not in params["degradations"] and params["router"]["pretrained"], "the input is left alone"
+
+
+def test_growth_counts_every_stage_but_the_baselines_and_the_evaluation_as_uir_loras():
+    from benchmarks.growth import summary
+
+    stages = {"train_lora@speckle": 40.0, "fit_noise_level": 500.0, "train_multitask": 700.0, "train_shared_lora": 800.0,
+              "fit_router": 300.0, "select_restoration": 100.0, "evaluate": 300.0}
+    assert summary(stages) == {"uir_lora_seconds": 940.0, "multitask_seconds": 700.0, "trained_loras": ["train_lora@speckle"]}
 
 
 def test_engine_benchmark_times_every_engine_for_one_and_two_adapters(tiny_models, params, tmp_path):

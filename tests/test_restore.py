@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.cli import main as uir
 from pipeline.images import read_image
 from pipeline.models.folder import ModelsFolderError
-from pipeline.models.restorer import RestorationCache, RestorationSettings, UniversalRestorer
+from pipeline.models.restorer import RestorationCache, RestorationSettings, UniversalRestorer, bright_end, to_float
 from pipeline.models.router import DegradationRouter, RouterConfig
 
 from .conftest import ROOT
@@ -395,6 +395,38 @@ def test_cascade_routing_adds_what_the_first_adapters_restoration_shows(tiny_mod
                               restorer.restore(image, weights={first: 0.5, second: 0.5}))
     else:  # exactly the first adapter alone
         assert np.array_equal(restorer.restore(image, analysis=analysis), restorer.restore(image, weights={first: 1.0}))
+
+
+def test_bright_end_is_the_995th_percentile_of_the_box_filtered_channel_maximum():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random((3, 40, 56), dtype=np.float32))
+    peak = x.amax(0).numpy()
+    smoothed = np.lib.stride_tricks.sliding_window_view(peak, (3, 3)).mean(axis=(-1, -2)).ravel()
+    reference = np.sort(smoothed)[round(0.995 * smoothed.size) - 1]
+    assert bright_end(x) == pytest.approx(reference, abs=1e-6)
+    assert bright_end(x * 0.5) == pytest.approx(0.5 * reference, abs=1e-6)
+    dark = torch.full((3, 40, 56), 0.2)
+    dark[:, 20, 30] = 1.0  # one hot pixel is neither the 99.5th percentile nor survives the box filter
+    assert bright_end(dark) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("policy", ["cascade", "confirmed"])
+@pytest.mark.parametrize("margin,expected", [(1e-3, 2), (-1e-3, 1)])
+def test_a_second_adapter_is_not_added_to_a_restoration_brighter_than_its_ceiling(tiny_models, monkeypatch, policy,
+                                                                                  margin, expected):
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(),
+                                                 settings=RestorationSettings(policy=policy, mix_threshold=0.5,
+                                                                              composition="sequential"))
+    image = rgb(40, 56, seed=13)
+    _presence_on(restorer, monkeypatch, image, on_image=0.9, elsewhere=0.9)
+    unlimited = restorer.analyse(image)
+    first, second = unlimited.ranking[0], unlimited.ranking[1]
+    assert set(unlimited.weights) == {first, second}
+    brightness = bright_end(restorer.restore_tensor(to_float(image)[0], [{first: 1.0}]))
+    limited = restorer.with_settings(ceilings={second: brightness + margin, first: 0.0}).analyse(image)
+    assert len(limited.weights) == expected and first in limited.weights, "the first adapter is never limited"
+    if expected == 1:
+        assert np.array_equal(restorer.restore(image, analysis=limited), restorer.restore(image, weights={first: 1.0}))
 
 
 def test_cascade_routing_of_a_clean_image_restores_nothing(tiny_models, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.files import read_jsonl
 from pipeline.images import read_image
-from pipeline.models.restorer import RestorationSettings, UniversalRestorer
+from pipeline.models.restorer import RestorationSettings, UniversalRestorer, bright_end, to_float
 
 
 @dataclass
@@ -39,6 +39,20 @@ def load_sets(data: str | Path, mixed: str | Path, names: Sequence[str], mixes: 
         loaded.append(PairedImages(name, kind, [read_image(folder / r["lq"]) for r in records],
                                    [read_image(folder / r["gt"]) for r in records]))
     return loaded
+
+
+def ceilings(data: str | Path, names: Sequence[str], degradations: Sequence[str]) -> dict[str, float]:
+    """Per adapter of ``names``, the ``bright_end`` of the brightest degraded image of its training split:
+    ``RestorationSettings.ceilings``."""
+    unknown = sorted(set(names) - set(degradations))
+    if unknown:
+        raise ValueError(f"restoration.ceiling_adapters: {unknown} are not degradations of this run ({list(degradations)})")
+    found = {}
+    for name in names:
+        folder = Path(data) / name / "train"
+        found[name] = max(bright_end(to_float(read_image(folder / r["lq"]))[0])
+                          for r in read_jsonl(folder / "manifest.jsonl", "synthesize"))
+    return found
 
 
 def psnr(restored: np.ndarray, clean: np.ndarray) -> float:

@@ -69,6 +69,10 @@ class RestorationSettings:
         noise_level: what sets the timestep of an adapter with the ``noise_sigma`` rule: its ``learned``
             ``NoiseLevelEstimator`` (``fit_noise_level``; reads noise that JPEG or blur went over) or the
             ``analytic`` σ̂ (white noise only).
+        ceilings: per adapter, the ``bright_end`` of the brightest input it was trained on (``select_restoration``
+            measures it on the training set); ``confirmed`` and ``cascade`` do not add it as a second adapter to
+            a first restoration brighter than that. A darkening degradation caps its images' brightness: a
+            denoised black sky with a bright star reads as low light but cannot be one.
     """
 
     policy: str = "gated"
@@ -80,6 +84,7 @@ class RestorationSettings:
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
     plans: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     noise_level: str = "learned"
+    ceilings: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"),
@@ -89,7 +94,8 @@ class RestorationSettings:
                   (0 <= self.cascade_gate <= 1, f"cascade_gate must be in [0, 1], got {self.cascade_gate!r}"),
                   (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
                   (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}"),
-                  (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")]
+                  (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}"),
+                  (all(0 <= v <= 1 for v in self.ceilings.values()), f"ceilings must be in [0, 1], got {dict(self.ceilings)!r}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -100,10 +106,11 @@ class RestorationSettings:
             if key != "+".join(sorted(key.split("+"))) or sorted(applied) != sorted(key.split("+")) or not all(plan):
                 raise ValueError(f"plan {key}: {plan} must apply each adapter of the sorted key {key!r} once")
         object.__setattr__(self, "plans", plans)
+        object.__setattr__(self, "ceilings", {name: float(v) for name, v in self.ceilings.items()})
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON values (what ``restoration.json`` holds)."""
-        return {**self.__dict__, "undo_order": list(self.undo_order),
+        return {**self.__dict__, "undo_order": list(self.undo_order), "ceilings": dict(self.ceilings),
                 "plans": {key: [list(step) for step in plan] for key, plan in self.plans.items()}}
 
     def save(self, path: str | Path) -> None:
@@ -141,6 +148,16 @@ class Analysis:
     # policy ``confirmed``: each adapter the gate added, its presence once the first adapter alone has restored
     # the image (kept at or above the mix threshold); ``cascade``: every other adapter's there
     confirmation: dict[str, float] = field(default_factory=dict)
+
+
+def bright_end(x: torch.Tensor) -> float:
+    """How bright an image's brightest parts are: the 99.5th percentile of its channel maximum (3×H×W on
+    [0, 1]), box-filtered over 3×3 pixels so that single noisy pixels do not count."""
+    peak = x.amax(dim=0)[None, None]
+    if min(peak.shape[-2:]) >= 3:
+        peak = F.avg_pool2d(peak, 3, stride=1)
+    values = peak.flatten()
+    return float(values.kthvalue(max(1, round(0.995 * values.numel()))).values)
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -404,10 +421,15 @@ class UniversalRestorer:
         else:
             candidates = [n for n in ranking[1:] if n in chosen] if settings.policy == "confirmed" else []
         if candidates and not unchanged:
-            after = self._routing(self.restore_tensor(x, [{first: 1.0}], on_tile))
+            restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
+            after = self._routing(restored)
             presence_after = by_name(after.presence)
             confirmation = {n: presence_after[n] for n in candidates}
-            found = sorted((n for n in candidates if confirmation[n] >= threshold), key=lambda n: -confirmation[n])
+            found = [n for n in candidates if confirmation[n] >= threshold]
+            if any(n in settings.ceilings for n in found):
+                brightness = bright_end(restored)
+                found = [n for n in found if brightness <= settings.ceilings.get(n, 1.0)]
+            found.sort(key=lambda n: -confirmation[n])
             kept = [first] + ([] if settings.policy == "cascade" and bool(after.clean[0]) else found[: settings.top_k - 1])
             chosen = {n: 1.0 / len(kept) for n in kept}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),

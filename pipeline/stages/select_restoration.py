@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from pipeline.evaluation.selection import choose, choose_plans, load_sets
+    from pipeline.evaluation.selection import ceilings, choose, choose_plans, load_sets
     from pipeline.files import write_json
     from pipeline.models.restorer import SETTINGS_FILE, RestorationCache, RestorationSettings, UniversalRestorer
     from pipeline.training.trainer import configure_threads
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     for row in plan_rows:
         print(f"{STAGE}: plan for {row['mix']}: {row['chosen']} ("
               + ", ".join(f"{k} {v:.2f}" for k, v in row["val_psnr"].items()) + " dB on validation)")
-    base = RestorationSettings(**{**base.__dict__, "plans": plans})
+    limits = ceilings(args.data, list(params.restoration.ceiling_adapters), list(params.degradations))
+    for name, value in limits.items():
+        print(f"{STAGE}: {name} is added to no restoration brighter than its training inputs' {value:.3f}")
+    base = RestorationSettings(**{**base.__dict__, "plans": plans, "ceilings": limits})
     chosen, rows, best = choose(restorer, base, candidates, sets)
     chosen.save(Path(args.models) / SETTINGS_FILE)
     write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
