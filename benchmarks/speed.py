@@ -365,7 +365,7 @@ def _engine_quality(composition: AdapterComposition, engines: dict, testsets: Pa
     if kodak is not None and kodak.is_dir() and "noise" in composition.names:
         for index, file in enumerate(sorted(kodak.glob("*.png"))):
             clean = read_image(file)[..., :3]
-            pair = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in (gaussian_noise(clean, 25, index), clean)]
+            pair = [torch.tensor(a).permute(2, 0, 1).float() / 255 for a in (gaussian_noise(clean, 25, index), clean)]
             sets.setdefault("Kodak24 σ=25", []).append((*pair, "noise"))
     for name in composition.names:
         for lq in sorted((degraded / name / "test" / "lq").glob("*.png")):
