@@ -202,7 +202,7 @@ class Restoration(Strict):
     unknown: Literal["identity", "route"]
     noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂
     undo_order: list[str]
-    ceiling_adapters: list[str]  # added as a second adapter only to restorations no brighter than their training inputs
+    ceiling_adapters: list[str]  # second adapters only below their training inputs' brightness; others ignored, as in undo_order
     choose_on_validation: bool
     candidates: list[RestorationChoice]
 
@@ -294,9 +294,6 @@ class Params(Strict):
             if len(mix) < 2 or unknown:
                 raise ValueError(f"mixed entry {mix}: needs two or more configured degradations"
                                  + (f" (unknown: {unknown})" if unknown else ""))
-        unknown = sorted(set(self.restoration.ceiling_adapters) - set(self.degradations))
-        if unknown:
-            raise ValueError(f"restoration.ceiling_adapters: {unknown} are not configured degradations")
         multiple = 2 ** (len(self.backbone.architecture.block_out_channels) - 1)
         for key, side in (("synthesis.patch_size", self.synthesis.patch_size), ("synthesis.eval_crop", self.synthesis.eval_crop),
                           ("backbone.train.patch_size", self.backbone.train.patch_size)):

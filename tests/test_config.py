@@ -97,7 +97,6 @@ def test_per_degradation_adapter_and_training_overrides():
     ("router.temperature", -1.0, "router.temperature = -1.0"),
     ("synthesis.eval_crop", 130, "synthesis.eval_crop = 130: must be a multiple of 4"),
     ("mixed", [["noise", "snow"]], "unknown: ['snow']"),
-    ("restoration.ceiling_adapters", ["snow"], "restoration.ceiling_adapters: ['snow'] are not configured degradations"),
     ("lora.train.lr", "fast", "lora.train.lr = 'fast'"),
     ("lora.adapter.rankk", 8, "lora.adapter.rankk = 8: Extra inputs are not permitted"),
     ("router.train.tone_patches", 512, "router.train.tone_patches > 0 needs router.train.tone"),

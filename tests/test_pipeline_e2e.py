@@ -191,7 +191,8 @@ def test_evaluation_writes_every_output(smoke_repo):
     assert metrics["restoration"]["policy"] == chosen["settings"]["policy"] == \
         json.loads((repo / "models/restoration.json").read_text())["policy"]
     limits = json.loads((repo / "models/restoration.json").read_text())["ceilings"]
-    assert set(limits) == set(params["restoration"]["ceiling_adapters"]) and all(0 < v <= 1 for v in limits.values())
+    assert set(limits) == set(params["restoration"]["ceiling_adapters"]) & set(params["degradations"]) == {"lowlight"}
+    assert all(0 < v <= 1 for v in limits.values())
     single = (repo / "reports/single.csv").read_text().splitlines()
     mixed = (repo / "reports/mixed.csv").read_text().splitlines()
     assert single[0].split(",") == ["set", *METHODS]

@@ -410,6 +410,18 @@ def test_bright_end_is_the_995th_percentile_of_the_box_filtered_channel_maximum(
     assert bright_end(dark) == pytest.approx(0.2)
 
 
+def test_a_ceiling_is_the_brightest_training_input_of_each_named_degradation_the_run_has(tmp_path):
+    from pipeline.evaluation.selection import ceilings
+
+    folder = tmp_path / "lowlight" / "train"
+    (folder / "lq").mkdir(parents=True)
+    for name, value in (("dark", 40), ("brighter", 120)):
+        Image.fromarray(np.full((24, 24, 3), value, np.uint8)).save(folder / "lq" / f"{name}.png")
+    (folder / "manifest.jsonl").write_text("".join(json.dumps({"lq": f"lq/{n}.png"}) + "\n" for n in ("dark", "brighter")))
+    found = ceilings(tmp_path, ["lowlight", "haze"], ["noise", "lowlight"])
+    assert found == {"lowlight": pytest.approx(120 / 255)}, "haze is not a degradation of this run: skipped"
+
+
 @pytest.mark.parametrize("policy", ["cascade", "confirmed"])
 @pytest.mark.parametrize("margin,expected", [(1e-3, 2), (-1e-3, 1)])
 def test_a_second_adapter_is_not_added_to_a_restoration_brighter_than_its_ceiling(tiny_models, monkeypatch, policy,

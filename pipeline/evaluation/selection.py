@@ -42,13 +42,11 @@ def load_sets(data: str | Path, mixed: str | Path, names: Sequence[str], mixes: 
 
 
 def ceilings(data: str | Path, names: Sequence[str], degradations: Sequence[str]) -> dict[str, float]:
-    """Per adapter of ``names``, the ``bright_end`` of the brightest degraded image of its training split:
+    """Per adapter of ``names`` that is one of the run's ``degradations`` (the others are skipped, as
+    ``undo_order``'s are), the ``bright_end`` of the brightest degraded image of its training split:
     ``RestorationSettings.ceilings``."""
-    unknown = sorted(set(names) - set(degradations))
-    if unknown:
-        raise ValueError(f"restoration.ceiling_adapters: {unknown} are not degradations of this run ({list(degradations)})")
     found = {}
-    for name in names:
+    for name in (n for n in names if n in degradations):
         folder = Path(data) / name / "train"
         found[name] = max(bright_end(to_float(read_image(folder / r["lq"]))[0])
                           for r in read_jsonl(folder / "manifest.jsonl", "synthesize"))
