@@ -185,6 +185,7 @@ class RestorationChoice(Strict):
     top_k: int = Field(default=None, ge=1)
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     cascade_gate: float = Field(default=None, ge=0, le=1)
+    cascade_pairs: Literal["any", "validated"] = None
     composition: Literal["sequential", "weights", "planned"] = None
     unknown: Literal["identity", "route"] = None
     noise_level: Literal["learned", "analytic"] = None
@@ -198,6 +199,7 @@ class Restoration(Strict):
     top_k: int = PositiveInt
     mix_threshold: Optional[float] = Field(default=None, ge=0, le=1)
     cascade_gate: float = Field(ge=0, le=1)
+    cascade_pairs: Literal["any", "validated"]  # cascade: any second adapter, or only pairs of the validated mixes
     composition: Literal["sequential", "weights", "planned"]
     unknown: Literal["identity", "route"]
     noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂

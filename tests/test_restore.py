@@ -397,6 +397,38 @@ def test_cascade_routing_adds_what_the_first_adapters_restoration_shows(tiny_mod
         assert np.array_equal(restorer.restore(image, analysis=analysis), restorer.restore(image, weights={first: 1.0}))
 
 
+@pytest.mark.parametrize("on_image", [0.1, 0.9])  # a single on the image, or a mix the gate already sees there
+@pytest.mark.parametrize("pairs,mixes,expected", [
+    ("any", (), 2),  # any second adapter
+    ("validated", ("blur+noise",), 2),  # the pair is a validated mix
+    ("validated", ("blur+jpeg+noise",), 2),  # ... or part of one
+    ("validated", ("blur+jpeg", "jpeg+noise"), 1),  # never validated together: not read again, not added
+])
+def test_cascade_adds_only_pairs_of_validated_mixes_when_asked(tiny_models, monkeypatch, on_image, pairs, mixes,
+                                                                 expected):
+    settings = RestorationSettings(policy="cascade", mix_threshold=0.5, composition="sequential",
+                                   cascade_pairs=pairs, validated_mixes=mixes)
+    restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8, cache=RestorationCache(), settings=settings)
+    image = rgb(40, 56, seed=12)
+    _presence_on(restorer, monkeypatch, image, on_image=on_image, elsewhere=0.9)  # shows once the first is undone
+    analysis = restorer.analyse(image)
+    assert set(analysis.weights) == set(analysis.ranking[:expected])
+    if expected == 1:
+        assert analysis.confirmation == {} and restorer.cache.misses == 1, "the routing alone, no restoration"
+        assert np.array_equal(restorer.restore(image, analysis=analysis),
+                              restorer.restore(image, weights={analysis.ranking[0]: 1.0}))
+
+
+def test_validated_cascade_pairs_need_the_validated_mixes(tmp_path):
+    with pytest.raises(ValueError, match="validated_mixes"):
+        RestorationSettings(policy="cascade", cascade_pairs="validated")
+    with pytest.raises(ValueError, match="cascade_pairs"):
+        RestorationSettings(cascade_pairs="some")
+    settings = RestorationSettings(policy="cascade", cascade_pairs="validated", validated_mixes=["blur+noise"])
+    settings.save(tmp_path / "restoration.json")
+    assert RestorationSettings.load(tmp_path / "restoration.json") == settings
+
+
 def test_bright_end_is_the_995th_percentile_of_the_box_filtered_channel_maximum():
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.random((3, 40, 56), dtype=np.float32))

@@ -99,6 +99,8 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
                                                                  "single_given_two_or_more", "mixed_given_two_or_more")}
     chosen = "; ".join(f"{s}: {runs[s]['restoration']['policy']}, {runs[s]['restoration']['composition']}"
                        + (f" at {runs[s]['restoration']['mix_threshold_used']:.2f}" if runs[s]["restoration"]["policy"] in MIX_THRESHOLD_POLICIES else "")
+                       + (f", gate {runs[s]['restoration']['cascade_gate']:.2f}, "
+                          f"{runs[s]['restoration'].get('cascade_pairs', 'any')} pairs" if runs[s]["restoration"]["policy"] == "cascade" else "")
                        + (", unknown routed" if runs[s]["restoration"].get("unknown") == "route" else "")
                        + f", {runs[s]['restoration'].get('noise_level', 'analytic')} noise level"
                        for s in seeds)
@@ -108,8 +110,8 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
         f"components among its first |mix| adapters {_mean_std(router['mix_recall'], 3)}; flagged unknown "
         f"{_mean_std(router['unknown_rate'], 3)}. As shipped, two or more adapters went to "
         f"{_mean_std(router['single_given_two_or_more'], 3)} of single and {_mean_std(router['mixed_given_two_or_more'], 3)} "
-        f"of mixed test images. Chosen on validation (seed: policy, composition, unknown left as they are unless "
-        f"routed, the noise adapter's timestep): {chosen}."
+        f"of mixed test images. Chosen on validation (seed: policy, composition, the cascade's gate and pairs, unknown "
+        f"left as they are unless routed, the noise adapter's timestep): {chosen}."
         + _clean_sentence({k: [runs[s]["router"].get(k) for s in seeds] for k in CLEAN_RATES},
                           lambda v: _mean_std(v, 3)),
     ]

@@ -34,6 +34,7 @@ MIN_SIDE = 16
 SETTINGS_FILE = "restoration.json"  # in the models folder: the settings `select_restoration` chose
 COMPOSITIONS = ("sequential", "weights", "planned")
 UNKNOWN = ("identity", "route")
+CASCADE_PAIRS = ("any", "validated")
 
 Network = Callable[[torch.Tensor], torch.Tensor]  # B×3×H×W on [-1, 1] -> the same
 
@@ -55,6 +56,12 @@ class RestorationSettings:
         top_k: adapters kept by ``topk``, and at most by ``gated``, ``confirmed`` and ``cascade``.
         mix_threshold: ``gated``'s threshold; None: the router's, calibrated on validation.
         cascade_gate: ``cascade``: the presence on the input at or above which a degradation is read again.
+        cascade_pairs: ``cascade``: any degradation may be added to the first (``any``), or only one that forms,
+            with the first, part of a mix the settings were validated on (``validated``: ``validated_mixes``).
+            Once the first is undone the router also reads what the photo itself holds — a hazy horizon, a dark
+            scene — as a degradation; a pair the validation never had is never checked to help.
+        validated_mixes: the mixes (names sorted, joined by ``+``) of the validation sets ``select_restoration``
+            chose these settings on.
         composition: ``sequential``, ``weights``, or ``planned``: each pair of adapters by its ``plans`` entry,
             other mixes sequential.
         unknown: an image of an unrecognised degradation is left as it is (``identity``) or restored by its
@@ -79,6 +86,8 @@ class RestorationSettings:
     top_k: int = 2
     mix_threshold: float | None = None
     cascade_gate: float = 0.0
+    cascade_pairs: str = "any"
+    validated_mixes: tuple[str, ...] = ()
     composition: str = "sequential"
     unknown: str = "identity"
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
@@ -92,6 +101,9 @@ class RestorationSettings:
                   (self.mix_threshold is None or 0 <= self.mix_threshold <= 1,
                    f"mix_threshold must be in [0, 1], got {self.mix_threshold!r}"),
                   (0 <= self.cascade_gate <= 1, f"cascade_gate must be in [0, 1], got {self.cascade_gate!r}"),
+                  (self.cascade_pairs in CASCADE_PAIRS, f"cascade_pairs must be one of {CASCADE_PAIRS}, got {self.cascade_pairs!r}"),
+                  (self.cascade_pairs == "any" or bool(self.validated_mixes),
+                   "cascade_pairs: validated needs validated_mixes (select_restoration writes them)"),
                   (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
                   (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}"),
                   (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}"),
@@ -100,6 +112,7 @@ class RestorationSettings:
             if not ok:
                 raise ValueError(message)
         object.__setattr__(self, "undo_order", tuple(self.undo_order))
+        object.__setattr__(self, "validated_mixes", tuple(self.validated_mixes))
         plans = {key: tuple(tuple(step) for step in plan) for key, plan in self.plans.items()}
         for key, plan in plans.items():
             applied = [name for step in plan for name in step]
@@ -110,7 +123,8 @@ class RestorationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON values (what ``restoration.json`` holds)."""
-        return {**self.__dict__, "undo_order": list(self.undo_order), "ceilings": dict(self.ceilings),
+        return {**self.__dict__, "undo_order": list(self.undo_order), "validated_mixes": list(self.validated_mixes),
+                "ceilings": dict(self.ceilings),
                 "plans": {key: [list(step) for step in plan] for key, plan in self.plans.items()}}
 
     def save(self, path: str | Path) -> None:
@@ -417,7 +431,7 @@ class UniversalRestorer:
         confirmation, first = {}, ranking[0]
         if settings.policy == "cascade":
             presence = by_name(routing.presence)
-            candidates = [n for n in ranking[1:] if presence[n] >= settings.cascade_gate]
+            candidates = [n for n in ranking[1:] if presence[n] >= settings.cascade_gate and self._may_follow(first, n)]
         else:
             candidates = [n for n in ranking[1:] if n in chosen] if settings.policy == "confirmed" else []
         if candidates and not unchanged:
@@ -432,10 +446,17 @@ class UniversalRestorer:
             found.sort(key=lambda n: -confirmation[n])
             kept = [first] + ([] if settings.policy == "cascade" and bool(after.clean[0]) else found[: settings.top_k - 1])
             chosen = {n: 1.0 / len(kept) for n in kept}
+        elif settings.policy == "cascade" and not unchanged:  # nothing read again: no second adapter, not even the gate's
+            chosen = {first: 1.0}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),
                         ranking=ranking, unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
                         unchanged=unchanged, steps=self.steps(chosen), confirmation=confirmation)
+
+    def _may_follow(self, first: str, second: str) -> bool:
+        """Whether ``cascade`` may add ``second`` to ``first`` under ``cascade_pairs``."""
+        return self.settings.cascade_pairs == "any" or any(
+            {first, second} <= set(mix.split("+")) for mix in self.settings.validated_mixes)
 
     def analyse(self, image: Any, on_tile: Callable[[int], None] | None = None) -> Analysis:
         """What the router says of ``image`` and which adapters ``restore`` will apply, in order. Under the

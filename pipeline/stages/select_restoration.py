@@ -48,14 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     limits = ceilings(args.data, list(params.restoration.ceiling_adapters), list(params.degradations))
     for name, value in limits.items():
         print(f"{STAGE}: {name} is added to no restoration brighter than its training inputs' {value:.3f}")
-    base = RestorationSettings(**{**base.__dict__, "plans": plans, "ceilings": limits})
+    mixes = sorted({"+".join(sorted(mix)) for mix in params.mixed})
+    base = RestorationSettings(**{**base.__dict__, "plans": plans, "ceilings": limits, "validated_mixes": mixes})
     chosen, rows, best = choose(restorer, base, candidates, sets)
     chosen.save(Path(args.models) / SETTINGS_FILE)
     write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
     for row in rows:
         s = row["settings"]
         print(f"{STAGE}: {s['policy']:<9} {s['composition']:<10} unknown {s['unknown']:<8} noise level {s['noise_level']:<8} "
-              f"mix threshold {s['mix_threshold']}" + (f" gate {s['cascade_gate']}" if s["policy"] == "cascade" else "")
+              f"mix threshold {s['mix_threshold']}" + (f" gate {s['cascade_gate']} pairs {s['cascade_pairs']}" if s["policy"] == "cascade" else "")
               + f": val PSNR "
               f"{row['mean_psnr']:.2f} ± {row['standard_error_to_best']:.2f} (single {row['single_psnr']:.2f}, mixed "
               f"{row['mixed_psnr'] or float('nan'):.2f}), {row['adapters_per_image']:.2f} adapters per image")
