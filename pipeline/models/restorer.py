@@ -430,6 +430,8 @@ class UniversalRestorer:
 
         confirmation, first = {}, ranking[0]
         if settings.policy == "cascade":
+            if not unchanged:  # the first adapter, and only what its restoration shows besides: not the gate's second
+                chosen = {first: 1.0}
             presence = by_name(routing.presence)
             candidates = [n for n in ranking[1:] if presence[n] >= settings.cascade_gate and self._may_follow(first, n)]
         else:
@@ -446,8 +448,6 @@ class UniversalRestorer:
             found.sort(key=lambda n: -confirmation[n])
             kept = [first] + ([] if settings.policy == "cascade" and bool(after.clean[0]) else found[: settings.top_k - 1])
             chosen = {n: 1.0 / len(kept) for n in kept}
-        elif settings.policy == "cascade" and not unchanged:  # nothing read again: no second adapter, not even the gate's
-            chosen = {first: 1.0}
         return Analysis(weights=chosen, probabilities=by_name(routing.probabilities),
                         similarity=by_name(routing.similarity), presence=by_name(routing.presence),
                         ranking=ranking, unknown=bool(routing.unknown[0]), clean=bool(routing.clean[0]),
