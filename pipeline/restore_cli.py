@@ -311,6 +311,9 @@ def info_main(args: argparse.Namespace) -> int:
     if s["composition"] == "planned":
         print("plans     " + "; ".join(f"{key}: " + " then ".join("+".join(step) for step in plan)
                                     for key, plan in s["plans"].items()))
+    for name, knots in s.get("strengths", {}).items():
+        print(f"strength  {name} by noise level σ: " + ", ".join(f"{value:g} at {sigma:g}" for sigma, value in knots)
+              + " (alone; linear in between)")
     print(f"engine    {engine} {precision} (what `uir restore --engine auto` runs on this machine's CPU)")
     return 0
 

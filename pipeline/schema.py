@@ -205,6 +205,7 @@ class Restoration(Strict):
     noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂
     undo_order: list[str]
     ceiling_adapters: list[str]  # second adapters only below their training inputs' brightness; others ignored, as in undo_order
+    strength_knots: list[float]  # noise levels (0–255) at which select_restoration fits noise_sigma adapters' strengths; []: none
     choose_on_validation: bool
     candidates: list[RestorationChoice]
 

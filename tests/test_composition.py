@@ -216,3 +216,59 @@ def test_mixes_restore_exactly_as_a_direct_reference(folders, composition, compo
             epsilon = model.eval()(alpha_bar.sqrt() * y, torch.full((1,), t_star)).sample
         expected = (y - ((1 - alpha_bar) / alpha_bar).sqrt() * epsilon).clamp(-1, 1)
     assert (got - (expected[0] + 1) / 2).abs().max() <= 1e-5
+
+
+def _with_noise_sigma_rule(composition):
+    """The same adapters, the first (``noise``) with the noise_sigma timestep rule."""
+    return AdapterComposition(composition.model, NAMES, [SETTINGS[n][1] for n in NAMES], composition.readout,
+                              timestep_rules=["noise_sigma", "fixed", "fixed"])
+
+
+def _read_sigma(composition, monkeypatch, sigmas):
+    """Make the composition read these noise levels (0–255 scale), one per sample."""
+    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic": torch.tensor(sigmas) / 127.5)
+
+
+@pytest.mark.parametrize("sigma,expected", [(5, 0.0), (10, 0.0), (17, 0.25), (20, 0.5), (23, 0.75), (30, 1.0), (80, 1.0)])
+def test_a_strength_is_linear_between_its_knots_constant_beyond_and_in_quarters(composition, monkeypatch, sigma, expected):
+    composition = _with_noise_sigma_rule(composition)
+    _read_sigma(composition, monkeypatch, [float(sigma)] * 2)
+    factors = composition.strength(torch.zeros(2, 3, 8, 8), "analytic", {"noise": [[10, 0.0], [30, 1.0]]})
+    assert factors.tolist() == [[expected, 1.0, 1.0]] * 2
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0])
+def test_a_strength_scales_the_adapters_weight_at_its_own_timestep(composition, strength):
+    """Reference: the weight times the strength, at the timestep of the analytic σ̂ written out; strength 0 is the
+    bare backbone at that timestep."""
+    from pipeline.models.severity import estimate_noise_sigma
+
+    composition = _with_noise_sigma_rule(composition)
+    torch.manual_seed(5)
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    weights = composition.weights_for({"noise": 0.5, "blur": 0.5})
+    with torch.no_grad():
+        got = composition.restore(y, weights, "analytic", {"noise": [[0.0, strength]]})
+        t = ((composition.readout.timesteps_for_sigma(estimate_noise_sigma(y)) + SETTINGS["blur"][1]) / 2).round().long()
+        expected = composition.restore_at(y, weights * torch.tensor([strength, 1.0, 1.0]), t)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_samples_of_other_noise_levels_get_their_own_strength_in_one_batch(composition, monkeypatch):
+    composition = _with_noise_sigma_rule(composition)
+    torch.manual_seed(6)
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    weights = composition.weights_for({"noise": 1.0})
+    _read_sigma(composition, monkeypatch, [5.0, 50.0])
+    with torch.no_grad():
+        both = composition.restore(y, weights, "analytic", {"noise": [[10, 0.0], [30, 1.0]]})
+        t = composition.timesteps(weights, y)
+        alone = [composition.restore_at(y[i : i + 1], weights * s, t[i : i + 1]) for i, s in enumerate([0.0, 1.0])]
+    assert (both - torch.cat(alone)).abs().max() <= TOL
+
+
+def test_a_strength_needs_an_adapter_with_the_noise_sigma_rule(composition):
+    with pytest.raises(ValueError, match="noise_sigma rule; 'blur'"):
+        _with_noise_sigma_rule(composition).strength(torch.zeros(1, 3, 8, 8), "analytic", {"blur": [[0, 1.0]]})
+    with pytest.raises(ValueError, match="noise_sigma rule; 'snow'"):
+        composition.strength(torch.zeros(1, 3, 8, 8), "analytic", {"snow": [[0, 1.0]]})

@@ -151,3 +151,22 @@ def test_uir_export_int8_writes_a_quantised_model(tiny_models, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["noise=1.int8.onnx"]
     ops = {node.op_type for node in onnx.load(str(tmp_path / "noise=1.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_strengths_by_noise_level_restore_as_pytorch_does(tiny_models):
+    """Tiles of other noise levels get other strengths: each group of tiles by its own merged network."""
+    from pipeline.models.composition import AdapterComposition
+
+    settings = RestorationSettings(noise_level="analytic", strengths={"noise": [[0.0, 0.0], [60.0, 1.0]]})
+    restorers = []
+    for engine in ("torch", "onnxruntime"):
+        loaded = UniversalRestorer.from_pretrained(tiny_models, router=False).composition
+        composition = AdapterComposition(loaded.model, loaded.names, loaded.t_star.long().tolist(), loaded.readout,
+                                         timestep_rules=["noise_sigma" if n == "noise" else "fixed" for n in loaded.names])
+        restorers.append(UniversalRestorer(composition, settings=settings, tile=32, overlap=8, engine=engine))
+    image = _photo(70, 90).copy()
+    image[:, 45:] = rgb(70, 45, seed=9)  # a noisy half beside a smooth one
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    outputs = [r.restore_tensor(x, [{"noise": 1.0}]) for r in restorers]
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-3
+    assert len(restorers[1]._onnx._runners) >= 2, "tiles of different strengths ran through different networks"

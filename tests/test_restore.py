@@ -60,7 +60,7 @@ def test_grayscale_alpha_and_16_bit_are_kept(restorer, channels, dtype):
 def test_tiling_blends_tiles_back_exactly(tiny_models, monkeypatch):
     """With a pixel-wise stand-in for the network, tiles, overlaps and the ramp blend reconstruct the image."""
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
-    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights, noise_level: torch.tanh(y * 1.5))
+    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights, noise_level, strengths: torch.tanh(y * 1.5))
     assert restorer.tiles(image_shape=(70, 90)) == 3 * 4
     image = rgb(70, 90, seed=3)
     tiled = restorer.restore(image, weights={"noise": 1.0})
@@ -198,14 +198,15 @@ def test_cli_info_describes_the_models_folder(tiny_models, capsys):
     assert info["engine"]["engine"] in ("torch", "onnxruntime", "openvino")
 
 
-def test_cli_info_prints_the_plans_of_planned_mixing(tiny_models, tmp_path, capsys):
+def test_cli_info_prints_the_plans_of_planned_mixing_and_the_strengths(tiny_models, tmp_path, capsys):
     from pipeline.models.restorer import SETTINGS_FILE
 
     shutil.copytree(tiny_models, tmp_path / "models")
-    RestorationSettings(composition="planned", plans={"blur+noise": [["blur", "noise"]]}).save(
-        tmp_path / "models" / SETTINGS_FILE)
+    RestorationSettings(composition="planned", plans={"blur+noise": [["blur", "noise"]]},
+                        strengths={"noise": [[15, 0.5], [35, 1.0]]}).save(tmp_path / "models" / SETTINGS_FILE)
     code, out, _ = _run_cli(["info", "--models", str(tmp_path / "models")], capsys)
     assert code == 0 and "plans     blur+noise: blur+noise" in out
+    assert "strength  noise by noise level σ: 0.5 at 15, 1 at 35" in out
 
 
 def test_cli_confirmed_policy_reports_the_confirmation_and_restores_as_the_api(tmp_path, tiny_models, capsys):
@@ -670,3 +671,87 @@ def test_an_unrecognised_degradation_is_left_or_routed_as_the_settings_say(tiny_
     assert analysis.unknown and not analysis.clean and analysis.unchanged is unchanged
     assert np.array_equal(restorer.restore(image), image) is unchanged
     assert analysis.steps and sum(analysis.weights.values()) == pytest.approx(1.0)  # what route applies
+
+
+def _noise_sigma_restorer(tiny_models, settings: RestorationSettings | None = None) -> UniversalRestorer:
+    """The tiny models with the ``noise`` adapter under the noise_sigma timestep rule (no noise level estimator:
+    the analytic σ̂)."""
+    from pipeline.models.composition import AdapterComposition
+
+    loaded = UniversalRestorer.from_pretrained(tiny_models, router=False).composition
+    composition = AdapterComposition(loaded.model, loaded.names, loaded.t_star.long().tolist(), loaded.readout,
+                                     timestep_rules=["noise_sigma" if n == "noise" else "fixed" for n in loaded.names])
+    return UniversalRestorer(composition, tile=32, overlap=8, settings=settings or RestorationSettings(noise_level="analytic"))
+
+
+@pytest.mark.parametrize("strengths,message", [
+    ({"noise": []}, "strengths of noise"),
+    ({"noise": [[20, 0.5], [10, 1.0]]}, "σ increasing"),
+    ({"noise": [[10, 0.5], [10, 1.0]]}, "σ increasing"),
+    ({"noise": [[10, 1.5]]}, "strength in \\[0, 1\\]"),
+])
+def test_strengths_are_checked(strengths, message):
+    with pytest.raises(ValueError, match=message):
+        RestorationSettings(strengths=strengths)
+
+
+def test_strengths_round_trip(tmp_path):
+    settings = RestorationSettings(strengths={"noise": [[15, 0.5], [35, 1.0]]})
+    settings.save(tmp_path / "restoration.json")
+    assert RestorationSettings.load(tmp_path / "restoration.json") == settings
+    assert json.loads((tmp_path / "restoration.json").read_text())["strengths"] == {"noise": [[15.0, 0.5], [35.0, 1.0]]}
+
+
+@pytest.mark.parametrize("weights,steps,strengthened", [
+    ({"noise": 1.0}, 1, True),  # an adapter restoring alone
+    ({"noise": 0.5, "blur": 0.5}, 2, False),  # a sequential mix: the later step would amplify what it leaves
+])
+def test_strengths_apply_to_an_adapter_restoring_alone(tiny_models, monkeypatch, weights, steps, strengthened):
+    strengths = {"noise": ((0.0, 0.5),)}
+    restorer = _noise_sigma_restorer(tiny_models, settings=RestorationSettings(
+        composition="sequential", noise_level="analytic", strengths=strengths))
+    seen = []
+    monkeypatch.setattr(restorer.composition, "restore",
+                        lambda y, vector, noise_level, given: seen.append(dict(given)) or y)
+    restorer.restore(rgb(40, 40, seed=2), weights=weights)
+    assert seen == [strengths if strengthened else {}] * steps
+
+
+def test_a_strengthened_adapter_restores_as_its_weight_times_the_strength(tiny_models):
+    image = rgb(40, 56, seed=4)
+    half = _noise_sigma_restorer(tiny_models, settings=RestorationSettings(
+        noise_level="analytic", strengths={"noise": [[0, 0.5]]}))
+    plain = _noise_sigma_restorer(tiny_models)
+    assert np.array_equal(half.restore(image, weights={"noise": 1.0}), plain.restore(image, weights={"noise": 0.5}))
+    assert not np.array_equal(half.restore(image, weights={"noise": 1.0}), plain.restore(image, weights={"noise": 1.0}))
+
+
+@pytest.mark.parametrize("psnrs,sigmas,expected", [
+    # light noise is best left to the backbone, heavy noise to the adapter: a ramp
+    ([[30, 29, 28, 27, 26], [20, 21, 22, 23, 24]], [10, 50], (0.0, 1.0)),
+    # the adapter at full strength is best everywhere
+    ([[26, 27, 28, 29, 30], [20, 21, 22, 23, 24]], [10, 50], (1.0, 1.0)),
+    # a tie: the strongest (the plain adapter)
+    ([[25, 25, 25, 25, 25], [20, 21, 22, 23, 24]], [10, 50], (1.0, 1.0)),
+    # between the knots, linear: half strength in the middle
+    ([[24, 23, 22, 21, 20], [20, 21, 22, 21, 20], [20, 21, 22, 23, 24]], [10, 30, 50], (0.0, 1.0)),
+])
+def test_strength_knots_are_the_monotone_quarters_best_on_validation(psnrs, sigmas, expected):
+    from pipeline.evaluation.selection import fit_knots
+
+    assert fit_knots(np.array(psnrs, dtype=float), np.array(sigmas, dtype=float), [10, 50]) == expected
+
+
+def test_strengths_are_fitted_on_the_noise_sigma_adapters_own_validation_set(tiny_models):
+    from pipeline.evaluation.selection import STRENGTH_LEVELS, PairedImages, choose_strengths
+
+    restorer = _noise_sigma_restorer(tiny_models)
+    sets = [PairedImages("noise", "single", [rgb(32, 32, seed=s) for s in (1, 3, 5)], [rgb(32, 32, seed=s) for s in (2, 4, 6)]),
+            PairedImages("blur", "single", [rgb(32, 32, seed=7)], [rgb(32, 32, seed=8)]),
+            PairedImages("noise+blur", "mixed", [rgb(32, 48, seed=3)], [rgb(32, 48, seed=4)])]
+    strengths, rows = choose_strengths(restorer, sets, [15.0, 50.0])
+    assert list(strengths) == ["noise"] and [k for k, _ in strengths["noise"]] == [15.0, 50.0]
+    assert [row["adapter"] for row in rows] == ["noise"]
+    at_one = rows[0]["val_psnr_by_strength"]
+    assert list(at_one) == [str(level) for level in STRENGTH_LEVELS]
+    assert rows[0]["val_psnr_fitted"] >= max(at_one.values()) - 1e-9, "one strength everywhere is among the fits"

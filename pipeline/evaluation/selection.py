@@ -8,6 +8,7 @@ changes images least goes. The test sets are never looked at."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -109,6 +110,46 @@ def choose_plans(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> t
         plans[key] = options[best]
         rows.append({"mix": key, "chosen": best, "val_psnr": scores})
     return plans, rows
+
+
+STRENGTH_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the quarters ``AdapterComposition.strength`` rounds to
+
+
+def fit_knots(psnrs: np.ndarray, sigmas: np.ndarray, knots: Sequence[float]) -> tuple[float, ...]:
+    """The strengths at ``knots`` (non-decreasing, each one of ``STRENGTH_LEVELS``) that maximise the mean PSNR,
+    where image ``i`` at strength level ``j`` scores ``psnrs[i, j]`` and gets the strength of its noise level
+    ``sigmas[i]`` (linear between knots, constant beyond, rounded to quarters, as restoration does). Of equal
+    scores, the strongest (the closest to the plain adapter)."""
+    best, best_score = None, -np.inf
+    for values in itertools.combinations_with_replacement(STRENGTH_LEVELS, len(knots)):
+        level = np.round(np.interp(sigmas, knots, values) * 4).astype(int)
+        score = float(np.mean(psnrs[np.arange(len(psnrs)), level]))
+        if score > best_score + 1e-9 or (abs(score - best_score) <= 1e-9 and sum(values) > sum(best)):
+            best, best_score = values, score
+    return best
+
+
+def choose_strengths(restorer: UniversalRestorer, sets: Sequence[PairedImages], knots: Sequence[float]) -> tuple[dict, list[dict]]:
+    """Per adapter with the ``noise_sigma`` rule, its strength by noise level (``RestorationSettings.strengths``)
+    fitted on its own validation set — restored by it alone at every strength of ``STRENGTH_LEVELS`` —
+    at the noise levels ``knots`` (0–255 scale); and per adapter its validation PSNR at each level and as fitted."""
+    composition = restorer.composition
+    strengths, rows = {}, []
+    for s in sets:
+        if s.kind != "single" or s.name not in composition.names or \
+                composition.timestep_rules[composition.names.index(s.name)] != "noise_sigma":
+            continue
+        psnrs = np.array([[psnr(restorer.with_settings(strengths={s.name: [[0.0, level]]}).restore(lq, weights={s.name: 1.0}), gt)
+                           for level in STRENGTH_LEVELS] for lq, gt in zip(s.degraded, s.clean)])
+        sigmas = np.array([float(composition.noise_sigma(s.name, to_float(lq)[0][None] * 2 - 1, restorer.settings.noise_level)[0])
+                           * 127.5 for lq in s.degraded])
+        values = fit_knots(psnrs, sigmas, knots)
+        strengths[s.name] = [[float(k), float(v)] for k, v in zip(knots, values)]
+        level = np.round(np.interp(sigmas, knots, values) * 4).astype(int)
+        rows.append({"adapter": s.name, "strengths": strengths[s.name],
+                     "val_psnr_by_strength": {str(v): float(m) for v, m in zip(STRENGTH_LEVELS, psnrs.mean(axis=0))},
+                     "val_psnr_fitted": float(np.mean(psnrs[np.arange(len(psnrs)), level]))})
+    return strengths, rows
 
 
 def choose(restorer: UniversalRestorer, base: RestorationSettings, candidates: Sequence[Mapping[str, Any]],

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -26,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from pipeline.models.adapters import apply_weight, merged_weight, read_restoration_settings
 from pipeline.models.backbone import OneStepReadout, load_backbone
 from pipeline.models.noise_level import NoiseLevelEstimator
-from pipeline.models.severity import rule_timesteps
+from pipeline.models.severity import estimate_noise_sigma, rule_timesteps
 
 NOISE_LEVELS = ("learned", "analytic")  # what sets the timestep of a noise_sigma adapter (``timesteps``)
 
@@ -160,19 +161,45 @@ class AdapterComposition(torch.nn.Module):
         return (normalised * per_adapter).sum(dim=1).round().long()
 
     def _adapter_timesteps(self, index: int, y: torch.Tensor, noise_level: str) -> torch.Tensor:
-        name, rule = self.names[index], self.timestep_rules[index]
-        if rule != "noise_sigma" or noise_level == "analytic":
-            return rule_timesteps(rule, int(self.t_star[index]), y, self.readout)
+        if self.timestep_rules[index] != "noise_sigma" or noise_level == "analytic":
+            return rule_timesteps(self.timestep_rules[index], int(self.t_star[index]), y, self.readout)
+        return self.readout.timesteps_for_sigma(self.noise_sigma(self.names[index], y, noise_level))
+
+    def noise_sigma(self, name: str, y: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
+        """The noise level (B,) in ``y`` (B×3×H×W on [-1, 1]; σ on that scale) that sets the timestep of the
+        ``noise_sigma`` adapter ``name``: its ``NoiseLevelEstimator``'s (``learned``) or the ``analytic`` σ̂."""
+        if noise_level == "analytic":
+            return estimate_noise_sigma(y)
         if name not in self.noise_levels:
             raise ValueError(f"adapter {name!r} has no noise level estimator: run `dvc repro fit_noise_level`, "
                              "or restore with the analytic estimate (noise_level: analytic)")
-        return self.readout.timesteps_for_sigma(self.noise_levels[name](y))
+        return self.noise_levels[name](y)
 
-    def restore(self, y: torch.Tensor, weights: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
-        """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters, at ``timesteps``'s."""
+    def strength(self, y: torch.Tensor, noise_level: str, strengths: Mapping[str, Sequence[Sequence[float]]]) -> torch.Tensor:
+        """(B, N) factors of the adapter weights: 1, or for an adapter of ``strengths`` (it needs the ``noise_sigma``
+        rule) its strength at the noise level of each sample — ``strengths[name]``: knots (σ on the 0–255 scale,
+        increasing; strength in [0, 1]), linear between them, constant beyond, rounded to quarters so that a few
+        merged networks serve every tile (``OnnxEngine``)."""
+        factors = torch.ones(y.shape[0], len(self.names), device=y.device)
+        for name, knots in strengths.items():
+            if name not in self.names or self.timestep_rules[self.names.index(name)] != "noise_sigma":
+                raise ValueError(f"a strength needs an adapter with the noise_sigma rule; {name!r} is not one here")
+            sigma = (self.noise_sigma(name, y, noise_level) * 127.5).detach().cpu().double().numpy()
+            at = np.interp(sigma, [k[0] for k in knots], [k[1] for k in knots])
+            factors[:, self.names.index(name)] = torch.from_numpy(np.round(at * 4) / 4).to(factors)
+        return factors
+
+    def restore(self, y: torch.Tensor, weights: torch.Tensor, noise_level: str = "analytic",
+                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None) -> torch.Tensor:
+        """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters, at ``timesteps``'s;
+        with ``strengths`` (``strength``), each adapter's weight times its strength on that sample (the timestep
+        stays the adapter's: strength 0 is the bare backbone at it)."""
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
-        return self.restore_at(y, weights, self.timesteps(per_sample, y, noise_level))
+        timesteps = self.timesteps(per_sample, y, noise_level)
+        if strengths:
+            weights = per_sample * self.strength(y, noise_level, strengths)
+        return self.restore_at(y, weights, timesteps)
 
     def restore_at(self, y: torch.Tensor, weights: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """One-step restoration of ``y`` with the composed adapters at given per-sample ``timesteps`` (B,)."""

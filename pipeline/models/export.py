@@ -14,7 +14,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from pipeline.models.adapters import merged_weight
 from pipeline.models.backbone import OneStepReadout
 from pipeline.models.composition import AdapterComposition
 from pipeline.models.router import DegradationRouter
+from pipeline.models.severity import estimate_noise_sigma
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 # What each engine runs the network in: int8 is ONNX Runtime's static quantisation (QDQ, per-channel
@@ -72,8 +73,9 @@ class OneStepNetwork(torch.nn.Module):
 
 
 def merged_unet(composition: AdapterComposition, mix: Mapping[str, float]) -> UNet2DModel:
-    """A standalone copy of the backbone with the adapter ``mix`` merged into its weights."""
-    vector = composition.weights_for(mix)
+    """A standalone copy of the backbone with the adapter ``mix`` merged into its weights (an empty mix: the bare
+    backbone, what an adapter at strength 0 leaves)."""
+    vector = composition.weights_for(mix) if mix else torch.zeros(len(composition.names))
     base = composition.model.get_base_model()
     state = {}
     for name, module in base.named_modules():
@@ -162,10 +164,14 @@ def calibration_tiles(side: int = 256, sigmas: tuple[int, ...] = (0, 10, 25, 50)
 
 def quantize_int8(fp32: Path, out: Path, composition: AdapterComposition, mix: Mapping[str, float]) -> Path:
     """ONNX Runtime static int8 quantisation of ``fp32`` (QDQ, per-channel weights, uint8 activations),
-    calibrated on ``calibration_tiles`` at the timesteps ``mix``'s rules give them."""
-    vector = composition.weights_for(mix)
-    calibration = [(tile[None], composition.timesteps(vector, torch.from_numpy(tile[None])).numpy())
-                   for tile in calibration_tiles()]
+    calibrated on ``calibration_tiles`` at the timesteps ``mix``'s rules give them (an empty mix, the bare backbone
+    a ``noise_sigma`` adapter at strength 0 leaves: at the timestep of each tile's noise level)."""
+    def timesteps(tile: torch.Tensor) -> torch.Tensor:
+        if not mix:
+            return composition.readout.timesteps_for_sigma(estimate_noise_sigma(tile))
+        return composition.timesteps(composition.weights_for(mix), tile)
+
+    calibration = [(tile[None], timesteps(torch.from_numpy(tile[None])).numpy()) for tile in calibration_tiles()]
     import logging
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -239,10 +245,18 @@ class OnnxEngine:
                                   else _openvino_runner(file, self.precision, threads))
         return self._runners[key]
 
-    def restore(self, y: torch.Tensor, vector: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
-        """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime."""
-        mix = {name: float(w) for name, w in zip(self.composition.names, vector) if w}
-        timesteps = self.composition.timesteps(vector, y, noise_level)
-        inputs = {"image": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
-                  "timestep": timesteps.cpu().numpy().astype(np.int64)}
-        return torch.from_numpy(self.runner(mix)(inputs))
+    def restore(self, y: torch.Tensor, vector: torch.Tensor, noise_level: str = "analytic",
+                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None) -> torch.Tensor:
+        """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime: with ``strengths``, the
+        samples of each distinct strengthened mix together, by that mix's network."""
+        timesteps = self.composition.timesteps(vector, y, noise_level).cpu().numpy().astype(np.int64)
+        rows = vector[None].expand(len(y), -1)
+        if strengths:
+            rows = rows * self.composition.strength(y, noise_level, strengths).cpu()
+        image = np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32)
+        restored = np.empty_like(image)
+        for row in torch.unique(rows, dim=0):
+            where = (rows == row).all(dim=1).numpy()
+            mix = {name: float(w) for name, w in zip(self.composition.names, row) if w}
+            restored[where] = self.runner(mix)({"image": image[where], "timestep": timesteps[where]})
+        return torch.from_numpy(restored)

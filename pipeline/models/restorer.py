@@ -80,6 +80,11 @@ class RestorationSettings:
             measures it on the training set); ``confirmed`` and ``cascade`` do not add it as a second adapter to
             a first restoration brighter than that. A darkening degradation caps its images' brightness: a
             denoised black sky with a bright star reads as low light but cannot be one.
+        strengths: per adapter with the ``noise_sigma`` rule, its strength by the noise level it reads: knots
+            ``[[σ, strength], ...]`` (σ on the 0–255 scale, increasing; strength in [0, 1]), linear in between,
+            constant beyond (``AdapterComposition.strength``). Its weight is multiplied by it, at the same timestep:
+            where light noise is concerned the frozen backbone alone may denoise better than the adapter. Only for
+            an adapter restoring alone (``restore_tensor``). Fitted on its validation set by ``select_restoration`` (``strength_knots``); none: full strength.
     """
 
     policy: str = "gated"
@@ -94,6 +99,7 @@ class RestorationSettings:
     plans: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     noise_level: str = "learned"
     ceilings: Mapping[str, float] = field(default_factory=dict)
+    strengths: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"),
@@ -120,11 +126,19 @@ class RestorationSettings:
                 raise ValueError(f"plan {key}: {plan} must apply each adapter of the sorted key {key!r} once")
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "ceilings", {name: float(v) for name, v in self.ceilings.items()})
+        strengths = {name: tuple((float(sigma), float(value)) for sigma, value in knots) for name, knots in self.strengths.items()}
+        for name, knots in strengths.items():
+            sigmas = [sigma for sigma, _ in knots]
+            if not knots or any(b <= a for a, b in zip(sigmas, sigmas[1:])) or not all(0 <= v <= 1 for _, v in knots):
+                raise ValueError(f"strengths of {name}: {knots} must be [[σ, strength], ...] with σ increasing and "
+                                 "strength in [0, 1]")
+        object.__setattr__(self, "strengths", strengths)
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON values (what ``restoration.json`` holds)."""
         return {**self.__dict__, "undo_order": list(self.undo_order), "validated_mixes": list(self.validated_mixes),
                 "ceilings": dict(self.ceilings),
+                "strengths": {name: [list(knot) for knot in knots] for name, knots in self.strengths.items()},
                 "plans": {key: [list(step) for step in plan] for key, plan in self.plans.items()}}
 
     def save(self, path: str | Path) -> None:
@@ -437,7 +451,7 @@ class UniversalRestorer:
         else:
             candidates = [n for n in ranking[1:] if n in chosen] if settings.policy == "confirmed" else []
         if candidates and not unchanged:
-            restored = self.restore_tensor(x, [{first: 1.0}], on_tile)
+            restored = self.restore_tensor(x, [{first: 1.0}], on_tile, strengthen=False)
             after = self._routing(restored)
             presence_after = by_name(after.presence)
             confirmation = {n: presence_after[n] for n in candidates}
@@ -485,16 +499,21 @@ class UniversalRestorer:
         return [{name: 1.0} for name in order]
 
     def restore_tensor(self, x: torch.Tensor, steps: list[dict[str, float]],
-                       on_tile: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another."""
+                       on_tile: Callable[[int], None] | None = None, strengthen: bool = True) -> torch.Tensor:
+        """Restore 3×H×W on [0, 1] by the adapter mixes of ``steps``, one after another; the settings' ``strengths``
+        apply to an adapter restoring alone (in a mix the later steps amplify what it leaves: low light brightens
+        the noise a weaker denoising left), unless not to ``strengthen``: the first adapter's restoration that
+        ``confirmed`` and ``cascade`` read again is at full strength, so that what is left of the noise hides no
+        second degradation."""
+        strengths = self.settings.strengths if strengthen and len(steps) == 1 and len(steps[0]) == 1 else {}
         context = ("restoration", self.composition, self.tile, self.overlap, self.batch_size, self.engine, self.precision,
-                   self.settings.noise_level)
+                   self.settings.noise_level, tuple(sorted(strengths.items())))
         source, done = x, ()
         for mix in steps:
             vector = self.composition.weights_for(mix).to(self.device)
             done += (tuple(sorted(mix.items())),)
             x = self._cached((*context, done), source, lambda x=x: restore_tiled(
-                lambda y: self._network(y, vector), x, self.multiple, self.tile, self.overlap, self.batch_size,
+                lambda y: self._network(y, vector, strengths), x, self.multiple, self.tile, self.overlap, self.batch_size,
                 self.device, on_tile))
         return x
 
@@ -504,12 +523,12 @@ class UniversalRestorer:
             return compute()
         return self.cache.get((*key, RestorationCache.digest(x)), compute)
 
-    def _network(self, y: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    def _network(self, y: torch.Tensor, vector: torch.Tensor, strengths: Mapping) -> torch.Tensor:
         if self.engine == "torch":
-            return self.composition.restore(y, vector, self.settings.noise_level)
+            return self.composition.restore(y, vector, self.settings.noise_level, strengths)
         if self._onnx is None:
             self._onnx = OnnxEngine(self.composition, self.engine, self.precision)
-        return self._onnx.restore(y, vector, self.settings.noise_level)
+        return self._onnx.restore(y, vector, self.settings.noise_level, strengths)
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
         """Tiles restoring an image of ``image_shape`` (H, W, ...) in ``steps`` steps takes: for progress bars."""

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from pipeline.evaluation.selection import ceilings, choose, choose_plans, load_sets
+    from pipeline.evaluation.selection import ceilings, choose, choose_plans, choose_strengths, load_sets
     from pipeline.files import write_json
     from pipeline.models.restorer import SETTINGS_FILE, RestorationCache, RestorationSettings, UniversalRestorer
     from pipeline.training.trainer import configure_threads
@@ -48,11 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     limits = ceilings(args.data, list(params.restoration.ceiling_adapters), list(params.degradations))
     for name, value in limits.items():
         print(f"{STAGE}: {name} is added to no restoration brighter than its training inputs' {value:.3f}")
+    strengths, strength_rows = choose_strengths(restorer, sets, list(params.restoration.strength_knots)) \
+        if params.restoration.strength_knots else ({}, [])
+    for row in strength_rows:
+        print(f"{STAGE}: {row['adapter']} strength by noise level {row['strengths']}: val PSNR {row['val_psnr_fitted']:.2f} dB ("
+              + ", ".join(f"{k}: {v:.2f}" for k, v in row["val_psnr_by_strength"].items()) + " at one strength)")
     mixes = sorted({"+".join(sorted(mix)) for mix in params.mixed})
-    base = RestorationSettings(**{**base.__dict__, "plans": plans, "ceilings": limits, "validated_mixes": mixes})
+    base = RestorationSettings(**{**base.__dict__, "plans": plans, "ceilings": limits, "validated_mixes": mixes,
+                                  "strengths": strengths})
     chosen, rows, best = choose(restorer, base, candidates, sets)
     chosen.save(Path(args.models) / SETTINGS_FILE)
-    write_json(args.report, {"chosen": best, "plans": plan_rows, "candidates": rows})
+    write_json(args.report, {"chosen": best, "plans": plan_rows, "strengths": strength_rows, "candidates": rows})
     for row in rows:
         s = row["settings"]
         print(f"{STAGE}: {s['policy']:<9} {s['composition']:<10} unknown {s['unknown']:<8} noise level {s['noise_level']:<8} "
