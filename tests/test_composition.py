@@ -267,6 +267,15 @@ def test_samples_of_other_noise_levels_get_their_own_strength_in_one_batch(compo
     assert (both - torch.cat(alone)).abs().max() <= TOL
 
 
+def test_a_strengthened_adapter_reads_the_noise_level_once_for_its_timestep_and_its_strength(composition, monkeypatch):
+    composition = _with_noise_sigma_rule(composition)
+    reads = []
+    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic": reads.append(name) or torch.full((len(y),), 0.2))
+    with torch.no_grad():
+        composition.restore(torch.zeros(2, 3, 16, 16), composition.weights_for({"noise": 1.0}), "learned", {"noise": [[0, 0.5]]})
+    assert reads == ["noise"]
+
+
 def test_a_strength_needs_an_adapter_with_the_noise_sigma_rule(composition):
     with pytest.raises(ValueError, match="noise_sigma rule; 'blur'"):
         _with_noise_sigma_rule(composition).strength(torch.zeros(1, 3, 8, 8), "analytic", {"blur": [[0, 1.0]]})

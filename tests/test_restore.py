@@ -743,7 +743,8 @@ def test_strength_knots_are_the_monotone_quarters_best_on_validation(psnrs, sigm
 
 
 def test_strengths_are_fitted_on_the_noise_sigma_adapters_own_validation_set(tiny_models):
-    from pipeline.evaluation.selection import STRENGTH_LEVELS, PairedImages, choose_strengths
+    from pipeline.evaluation.selection import PairedImages, choose_strengths
+    from pipeline.models.composition import STRENGTH_LEVELS
 
     restorer = _noise_sigma_restorer(tiny_models)
     sets = [PairedImages("noise", "single", [rgb(32, 32, seed=s) for s in (1, 3, 5)], [rgb(32, 32, seed=s) for s in (2, 4, 6)]),

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.files import read_jsonl
 from pipeline.images import read_image
+from pipeline.models.composition import STRENGTH_LEVELS, strength_at
 from pipeline.models.restorer import RestorationSettings, UniversalRestorer, bright_end, to_float
 
 
@@ -112,21 +113,22 @@ def choose_plans(restorer: UniversalRestorer, sets: Sequence[PairedImages]) -> t
     return plans, rows
 
 
-STRENGTH_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the quarters ``AdapterComposition.strength`` rounds to
-
-
 def fit_knots(psnrs: np.ndarray, sigmas: np.ndarray, knots: Sequence[float]) -> tuple[float, ...]:
     """The strengths at ``knots`` (non-decreasing, each one of ``STRENGTH_LEVELS``) that maximise the mean PSNR,
     where image ``i`` at strength level ``j`` scores ``psnrs[i, j]`` and gets the strength of its noise level
-    ``sigmas[i]`` (linear between knots, constant beyond, rounded to quarters, as restoration does). Of equal
+    ``sigmas[i]`` (``strength_at`` them, as restoration does). Of equal
     scores, the strongest (the closest to the plain adapter)."""
     best, best_score = None, -np.inf
     for values in itertools.combinations_with_replacement(STRENGTH_LEVELS, len(knots)):
-        level = np.round(np.interp(sigmas, knots, values) * 4).astype(int)
-        score = float(np.mean(psnrs[np.arange(len(psnrs)), level]))
+        score = float(np.mean(psnrs[np.arange(len(psnrs)), _levels(sigmas, knots, values)]))
         if score > best_score + 1e-9 or (abs(score - best_score) <= 1e-9 and sum(values) > sum(best)):
             best, best_score = values, score
     return best
+
+
+def _levels(sigmas: np.ndarray, knots: Sequence[float], values: Sequence[float]) -> np.ndarray:
+    """Index into ``STRENGTH_LEVELS`` of the strength restoration gives each noise level of ``sigmas``."""
+    return np.searchsorted(STRENGTH_LEVELS, strength_at(sigmas, zip(knots, values)))
 
 
 def choose_strengths(restorer: UniversalRestorer, sets: Sequence[PairedImages], knots: Sequence[float]) -> tuple[dict, list[dict]]:
@@ -145,7 +147,7 @@ def choose_strengths(restorer: UniversalRestorer, sets: Sequence[PairedImages], 
                            * 127.5 for lq in s.degraded])
         values = fit_knots(psnrs, sigmas, knots)
         strengths[s.name] = [[float(k), float(v)] for k, v in zip(knots, values)]
-        level = np.round(np.interp(sigmas, knots, values) * 4).astype(int)
+        level = _levels(sigmas, knots, values)
         rows.append({"adapter": s.name, "strengths": strengths[s.name],
                      "val_psnr_by_strength": {str(v): float(m) for v, m in zip(STRENGTH_LEVELS, psnrs.mean(axis=0))},
                      "val_psnr_fitted": float(np.mean(psnrs[np.arange(len(psnrs)), level]))})

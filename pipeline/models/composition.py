@@ -17,7 +17,7 @@ import math
 import types
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -143,10 +143,12 @@ class AdapterComposition(torch.nn.Module):
         finally:
             self._weights, self._used, self._mix_key = None, [], None
 
-    def timesteps(self, weights: torch.Tensor, y: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
+    def timesteps(self, weights: torch.Tensor, y: torch.Tensor, noise_level: str = "analytic",
+                  sigmas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-sample timesteps: the weight-averaged timesteps of the composed adapters (rounded), each
         adapter's its ``t*`` or, under the ``noise_sigma`` rule, the one of the noise level in ``y`` — estimated
-        by the analytic σ̂ (``noise_level="analytic"``) or by the adapter's ``NoiseLevelEstimator`` ("learned").
+        by the analytic σ̂ (``noise_level="analytic"``) or by the adapter's ``NoiseLevelEstimator`` ("learned"),
+        unless ``sigmas`` has it already (``noise_sigmas``).
 
         All-zero weights (no adapter) get the mean."""
         if noise_level not in NOISE_LEVELS:
@@ -156,14 +158,16 @@ class AdapterComposition(torch.nn.Module):
         uniform = torch.full_like(weights, 1.0 / weights.shape[1])
         normalised = torch.where(total > 0, weights / total.clamp_min(1e-12), uniform)
         used = normalised.any(dim=0).tolist()
-        per_adapter = torch.stack([self._adapter_timesteps(i, y, noise_level).float() if used[i]
+        per_adapter = torch.stack([self._adapter_timesteps(i, y, noise_level, sigmas or {}).float() if used[i]
                                    else torch.zeros(y.shape[0], device=y.device) for i in range(len(self.names))], dim=1)
         return (normalised * per_adapter).sum(dim=1).round().long()
 
-    def _adapter_timesteps(self, index: int, y: torch.Tensor, noise_level: str) -> torch.Tensor:
-        if self.timestep_rules[index] != "noise_sigma" or noise_level == "analytic":
+    def _adapter_timesteps(self, index: int, y: torch.Tensor, noise_level: str,
+                           sigmas: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        name = self.names[index]
+        if self.timestep_rules[index] != "noise_sigma":
             return rule_timesteps(self.timestep_rules[index], int(self.t_star[index]), y, self.readout)
-        return self.readout.timesteps_for_sigma(self.noise_sigma(self.names[index], y, noise_level))
+        return self.readout.timesteps_for_sigma(sigmas[name] if name in sigmas else self.noise_sigma(name, y, noise_level))
 
     def noise_sigma(self, name: str, y: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
         """The noise level (B,) in ``y`` (B×3×H×W on [-1, 1]; σ on that scale) that sets the timestep of the
@@ -175,18 +179,23 @@ class AdapterComposition(torch.nn.Module):
                              "or restore with the analytic estimate (noise_level: analytic)")
         return self.noise_levels[name](y)
 
-    def strength(self, y: torch.Tensor, noise_level: str, strengths: Mapping[str, Sequence[Sequence[float]]]) -> torch.Tensor:
-        """(B, N) factors of the adapter weights: 1, or for an adapter of ``strengths`` (it needs the ``noise_sigma``
-        rule) its strength at the noise level of each sample — ``strengths[name]``: knots (σ on the 0–255 scale,
-        increasing; strength in [0, 1]), linear between them, constant beyond, rounded to quarters so that a few
-        merged networks serve every tile (``OnnxEngine``)."""
-        factors = torch.ones(y.shape[0], len(self.names), device=y.device)
-        for name, knots in strengths.items():
+    def noise_sigmas(self, y: torch.Tensor, noise_level: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """``noise_sigma`` of each adapter of ``names``, which must have the ``noise_sigma`` rule: read once, for
+        both its timestep and its strength."""
+        for name in names:
             if name not in self.names or self.timestep_rules[self.names.index(name)] != "noise_sigma":
                 raise ValueError(f"a strength needs an adapter with the noise_sigma rule; {name!r} is not one here")
-            sigma = (self.noise_sigma(name, y, noise_level) * 127.5).detach().cpu().double().numpy()
-            at = np.interp(sigma, [k[0] for k in knots], [k[1] for k in knots])
-            factors[:, self.names.index(name)] = torch.from_numpy(np.round(at * 4) / 4).to(factors)
+        return {name: self.noise_sigma(name, y, noise_level) for name in names}
+
+    def strength(self, y: torch.Tensor, noise_level: str, strengths: Mapping[str, Sequence[Sequence[float]]],
+                 sigmas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, N) factors of the adapter weights: 1, or for an adapter of ``strengths`` (it needs the ``noise_sigma``
+        rule) ``strength_at`` the noise level of each sample (``sigmas``, or ``noise_sigmas`` of ``y``)."""
+        sigmas = self.noise_sigmas(y, noise_level, strengths) if sigmas is None else sigmas
+        factors = torch.ones(y.shape[0], len(self.names), device=y.device)
+        for name, knots in strengths.items():
+            at = strength_at((sigmas[name] * 127.5).detach().cpu().double().numpy(), knots)
+            factors[:, self.names.index(name)] = torch.from_numpy(at).to(factors)
         return factors
 
     def restore(self, y: torch.Tensor, weights: torch.Tensor, noise_level: str = "analytic",
@@ -196,9 +205,10 @@ class AdapterComposition(torch.nn.Module):
         stays the adapter's: strength 0 is the bare backbone at it)."""
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
-        timesteps = self.timesteps(per_sample, y, noise_level)
+        sigmas = self.noise_sigmas(y, noise_level, strengths or {})
+        timesteps = self.timesteps(per_sample, y, noise_level, sigmas)
         if strengths:
-            weights = per_sample * self.strength(y, noise_level, strengths)
+            weights = per_sample * self.strength(y, noise_level, strengths, sigmas)
         return self.restore_at(y, weights, timesteps)
 
     def restore_at(self, y: torch.Tensor, weights: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -222,6 +232,17 @@ class AdapterComposition(torch.nn.Module):
             raise KeyError(f"no adapter for {unknown}; loaded: {self.names}")
         check_mix(mix)
         return torch.tensor([float(mix.get(n, 0.0)) for n in self.names])
+
+
+STRENGTH_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def strength_at(sigma: np.ndarray, knots: Iterable[Sequence[float]]) -> np.ndarray:
+    """An adapter's strength at noise levels ``sigma`` (0–255 scale) by its ``knots`` ``[[σ, strength], ...]`` (σ
+    increasing, strength in [0, 1]): linear between them, constant beyond, rounded to ``STRENGTH_LEVELS`` (quarters)
+    so that a few merged networks serve every tile (``OnnxEngine``)."""
+    knots = list(knots)
+    return np.round(np.interp(sigma, [k[0] for k in knots], [k[1] for k in knots]) * 4) / 4
 
 
 def check_mix(mix: Mapping[str, float]) -> None:

@@ -249,10 +249,11 @@ class OnnxEngine:
                 strengths: Mapping[str, Sequence[Sequence[float]]] | None = None) -> torch.Tensor:
         """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime: with ``strengths``, the
         samples of each distinct strengthened mix together, by that mix's network."""
-        timesteps = self.composition.timesteps(vector, y, noise_level).cpu().numpy().astype(np.int64)
+        sigmas = self.composition.noise_sigmas(y, noise_level, strengths or {})
+        timesteps = self.composition.timesteps(vector, y, noise_level, sigmas).cpu().numpy().astype(np.int64)
         rows = vector[None].expand(len(y), -1)
         if strengths:
-            rows = rows * self.composition.strength(y, noise_level, strengths).cpu()
+            rows = rows * self.composition.strength(y, noise_level, strengths, sigmas).cpu()
         image = np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32)
         restored = np.empty_like(image)
         for row in torch.unique(rows, dim=0):
