@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     ship.add_argument("--models", default="models", help="the models folder of the `dvc repro` (default: models)")
     ship.add_argument("--to", default=None, help="the shipped folder (default: weights/uir-lora-cbsd432)")
     ship.add_argument("--reports", default="reports", help="the reports of that `dvc repro`, for the model card")
+    ship.add_argument("--params", default="params.yaml", help="the params of that `dvc repro`: its profile, for the model card")
+    ship.add_argument("--clean", default="data/clean", help="its prepared photos: the training data's hashes, for the model card")
     ship.set_defaults(run=lambda a: _exit(ship_main(a)))
 
     info = commands.add_parser("info", help="describe a models folder")

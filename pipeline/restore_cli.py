@@ -326,9 +326,11 @@ def ship_main(args: argparse.Namespace) -> int:
     import subprocess
 
     import torch
+    import yaml
     from safetensors.torch import load_file
 
     from pipeline.files import atomic_dir
+    from pipeline.models.card import data_digest
     from pipeline.models.folder import SHIPPED, ModelsFolder
     from pipeline.models.restorer import SETTINGS_FILE
 
@@ -353,7 +355,9 @@ def ship_main(args: argparse.Namespace) -> int:
     if pretrained and (target.router / ROUTER_FILES[0]).read_bytes() != (source.router / ROUTER_FILES[0]).read_bytes():
         ship_recalibrated_router(source.router, target.router, commit)
     shutil.copyfile(source.root / SETTINGS_FILE, target.root / SETTINGS_FILE)
-    (target.root / "README.md").write_text(set_card(target, names, reports, commit), encoding="utf-8")
+    profile = yaml.safe_load(Path(args.params).read_text()).get("profile_name", "default") if Path(args.params).is_file() else "default"
+    data = data_digest(args.clean) if (Path(args.clean) / "manifest.json").is_file() else None
+    (target.root / "README.md").write_text(set_card(target, names, reports, commit, profile, data), encoding="utf-8")
     print(f"shipped {', '.join(names)}{'' if pretrained else ' and the router'} into {target.root} "
           f"(trained at {commit or 'an unknown commit'}){'; the router there is the one it used' if pretrained else ''}")
     return 0
@@ -381,7 +385,8 @@ def ship_recalibrated_router(source: Path, target: Path, commit: str) -> None:
                                        "Configuration above is the one it was trained with).\n", encoding="utf-8")
 
 
-def set_card(folder, names: list[str], reports: Path, commit: str) -> str:
+def set_card(folder, names: list[str], reports: Path, commit: str, profile: str = "default",
+             data: dict | None = None) -> str:
     """The shipped set's card: what each part is and how well it did, from the reports of the `dvc repro`."""
     def report(name: str) -> dict:
         file = reports / name
@@ -398,6 +403,11 @@ def set_card(folder, names: list[str], reports: Path, commit: str) -> str:
                              for n, m in report("fit_noise_level.json").items())
     headline = report("headline.json")
     settings = json.loads((folder.root / "restoration.json").read_text())
+    trained_on = "" if data is None else (
+        f"\n\nTraining photos (the `{data['split']}` split of that run, {data['images']} images, {data['megapixels']} MP): "
+        + ", ".join(f"`{source}` {count}" for source, count in data["sources"].items())
+        + f"; SHA-256 over their names and PNG bytes: `{data['sha256']}`. Its validation photos chose the settings below.")
+    params = "" if profile == "default" else f"make params ARGS=profile={profile}\n"
     return f"""# UIR-LoRA models shipped with uir-lora
 
 What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc repro` takes precedence;
@@ -409,8 +419,8 @@ What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc r
 - `noise_level/<degradation>/`: the noise level estimator that sets the timestep of an adapter with the `noise_sigma` rule (its card: `README.md`)
 - `restoration.json`: the routing policy and composition chosen on validation data
 
-Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's backbone) at commit
-`{commit or 'unknown'}`, then copied here by `uir ship`.
+Trained by `dvc repro` (profile `{profile}`, `backbone.pretrained` = this folder's backbone) at commit
+`{commit or 'unknown'}`, then copied here by `uir ship`.{trained_on}
 
 ## Adapters (validation split, PSNR dB)
 
@@ -440,7 +450,7 @@ Trained by `dvc repro` (default profile, `backbone.pretrained` = this folder's b
 
 ```bash
 git checkout {commit or '<commit>'}
-make repro          # dvc repro: trains the adapters on the shipped backbone (and validates the shipped router)
+{params}make repro          # dvc repro: trains the adapters on the shipped backbone (and validates the shipped router)
 .venv/bin/uir ship  # copies them here with this card
 ```
 """

@@ -59,6 +59,16 @@ def test_the_backbone_recipe_trains_on_cbsd432_and_the_default_profile_uses_the_
     assert _compose("profile=smoke")["backbone"]["pretrained"] is None, "the smoke run trains its own, in seconds"
 
 
+def test_the_shipped_adapters_recipe_splits_the_photos_as_the_backbone_recipe_did():
+    """Its validation photos, which choose the shipped restoration settings, are unseen by the shipped backbone."""
+    default, backbone, adapters = _compose(), _compose("profile=pretrain"), _compose("profile=pretrain_adapters")
+    assert adapters["prepare"] == backbone["prepare"] and adapters["seed"] == backbone["seed"]
+    assert not any("testsets" in f for f in adapters["prepare"]["folders"]), "never train on the test sets"
+    for section in ("backbone", "router"):
+        assert adapters[section]["pretrained"] == default[section]["pretrained"] is not None, "trained on the shipped ones"
+    assert adapters["degradations"] == default["degradations"] and adapters["lora"] == default["lora"]
+
+
 def test_load_params_is_strict_and_read_only():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(ConfigAttributeError, match="no_such_key"):

@@ -40,12 +40,24 @@ def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp
                                                                     "val/input_psnr": 20.1}))
     (reports / "wandb").mkdir()
     (reports / "wandb" / "train_lora@noise.json").write_text(json.dumps({"run_id": "abc123", "mode": "offline"}))
-    code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(reports)], capsys)
+    (tmp_path / "params.yaml").write_text("profile_name: pretrain_adapters\nseed: 1\n")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    Image.fromarray(rgb(16, 16, seed=0)).save(clean / "a.png")
+    (clean / "manifest.json").write_text(json.dumps({"images": [{"name": "a", "file": "a.png", "source": "/photos/a.jpg",
+                                                                 "split": "train", "width": 16, "height": 16}]}))
+    code, out, _ = _cli(["ship", "--models", str(trained), "--to", str(target), "--reports", str(reports),
+                         "--params", str(tmp_path / "params.yaml"), "--clean", str(clean)], capsys)
     assert code == 0, out
     assert sorted(p.name for p in (target / "loras").iterdir()) == ["blur", "noise"]
     assert (target / "router" / "config.json").is_file() and (target / "restoration.json").is_file()
     card = (target / "README.md").read_text()
     assert "| noise | 2 | 200 (fixed) | 20.10 | 27.50 | `abc123` (offline) |" in card
+    from pipeline.models.card import data_digest
+
+    for needle in ("profile `pretrain_adapters`", "make params ARGS=profile=pretrain_adapters\nmake repro",
+                   "`/photos` 1", data_digest(clean)["sha256"]):
+        assert needle in card, needle
     code, out, _ = _cli(["info", "--models", str(target), "--json"], capsys)
     assert code == 0 and set(json.loads(out)["adapters"]) == {"noise", "blur"}
 
