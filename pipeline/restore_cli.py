@@ -385,8 +385,7 @@ def ship_recalibrated_router(source: Path, target: Path, commit: str) -> None:
                                        "Configuration above is the one it was trained with).\n", encoding="utf-8")
 
 
-def set_card(folder, names: list[str], reports: Path, commit: str, profile: str = "default",
-             data: dict | None = None) -> str:
+def set_card(folder, names: list[str], reports: Path, commit: str, profile: str, data: dict | None) -> str:
     """The shipped set's card: what each part is and how well it did, from the reports of the `dvc repro`."""
     def report(name: str) -> dict:
         file = reports / name
