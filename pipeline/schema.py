@@ -22,6 +22,7 @@ class Strict(BaseModel):
 class Split(Strict):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
+    pinned: Optional[str] = None  # a JSON file {"splits": {image name: split}}: those images keep that split
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "Split":

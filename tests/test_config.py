@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -5,6 +7,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ReadonlyConfigError
 
 from pipeline.config import compose_params, load_params
+from pipeline.data.sources import read_pinned_splits
 from pipeline.schema import validate
 
 from .conftest import ROOT
@@ -63,6 +66,8 @@ def test_the_shipped_adapters_recipe_splits_the_photos_as_the_backbone_recipe_di
     """Its validation photos, which choose the shipped restoration settings, are unseen by the shipped backbone."""
     default, backbone, adapters = _compose(), _compose("profile=pretrain"), _compose("profile=pretrain_adapters")
     assert adapters["prepare"] == backbone["prepare"] and adapters["seed"] == backbone["seed"]
+    pin = read_pinned_splits(ROOT / backbone["prepare"]["split"]["pinned"])
+    assert len(pin) == 444 and sorted(Counter(pin.values()).values()) == [75, 112, 257], "the shipped backbone's split"
     assert not any("testsets" in f for f in adapters["prepare"]["folders"]), "never train on the test sets"
     for section in ("backbone", "router"):
         assert adapters[section]["pretrained"] == default[section]["pretrained"] is not None, "trained on the shipped ones"

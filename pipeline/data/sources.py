@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -109,9 +110,10 @@ def load_embedded(names: Iterable[str]) -> list[CleanImage]:
 
 
 def _folder_image_name(folder: Path, path: Path) -> str:
-    # Unique and stable across folders: readable stem plus a short hash of the full path.
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-    return f"{folder.name}_{path.stem}_{digest}"
+    # Readable stem plus a short hash of the path inside the folder: unique within it, and the same wherever
+    # the folder lives (names order the patches and decide the split, so they must not depend on the checkout).
+    digest = hashlib.sha1(path.relative_to(folder).as_posix().encode()).hexdigest()[:8]
+    return f"{folder.resolve().name}_{path.stem}_{digest}"
 
 
 def load_folder(folder: str | Path, min_size: int) -> tuple[list[CleanImage], list[Rejected]]:
@@ -141,20 +143,43 @@ def load_folder(folder: str | Path, min_size: int) -> tuple[list[CleanImage], li
     return images, rejected
 
 
+SPLITS = ("train", "val", "test")
+
+
+def read_pinned_splits(path: str | Path) -> dict[str, str]:
+    """The ``{"splits": {image name: split}}`` of a pinned-split file (e.g. the split a shipped backbone saw)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pinned split file {path} does not exist (prepare.split.pinned)")
+    splits = json.loads(path.read_text(encoding="utf-8")).get("splits")
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: expected an object with 'splits': {{image name: split}}")
+    return splits
+
+
 def split_by_image(
-    groups: dict[str, str], val_fraction: float, test_fraction: float, seed: int
+    groups: dict[str, str], val_fraction: float, test_fraction: float, seed: int,
+    pinned: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Assign each image (not each patch) to train / val / test, deterministically from ``seed``.
 
     ``groups`` maps image name to scene: all images of a scene go to one split. Val and test each
-    get at least one scene when there are three or more.
+    get at least one scene when there are three or more. Images named in ``pinned`` (name -> split) keep
+    that split, with their whole scene; the other scenes are split by ``seed`` and the fractions.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions val={val_fraction} test={test_fraction}")
-    scenes = sorted(set(groups.values()))
+    scene_pins: dict[str, str] = {}
+    for name, split in (pinned or {}).items():
+        if split not in SPLITS:
+            raise ValueError(f"pinned split of {name!r} is {split!r}; expected one of {SPLITS}")
+        if name in groups and scene_pins.setdefault(groups[name], split) != split:
+            raise ValueError(f"scene {groups[name]!r} is pinned to both {scene_pins[groups[name]]} and {split}")
+    scenes = sorted(set(groups.values()) - set(scene_pins))
     np.random.default_rng(seed).shuffle(scenes)
     n = len(scenes)
     n_test = max(round(n * test_fraction), 1 if n >= 3 and test_fraction > 0 else 0)
     n_val = max(round(n * val_fraction), 1 if n >= 3 and val_fraction > 0 else 0)
     scene_split = dict(zip(scenes, ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)))
+    scene_split.update(scene_pins)
     return {name: scene_split[group] for name, group in groups.items()}

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import shutil
     import sys
-    from pipeline.data.sources import load_embedded, load_folder, split_by_image
+    from pipeline.data.sources import load_embedded, load_folder, read_pinned_splits, split_by_image
     from pipeline.images import write_image
     from pipeline.files import write_json
 
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     if duplicates:
         raise SystemExit(f"prepare: duplicate image names {duplicates}")
     splits = split_by_image(
-        {image.name: image.group for image in images}, cfg.split.val_fraction, cfg.split.test_fraction, params.seed
+        {image.name: image.group for image in images}, cfg.split.val_fraction, cfg.split.test_fraction, params.seed,
+        read_pinned_splits(cfg.split.pinned) if cfg.split.pinned else None,
     )
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
