@@ -74,6 +74,11 @@ def test_the_shipped_adapters_recipe_splits_the_photos_as_the_backbone_recipe_di
     assert adapters["degradations"] == default["degradations"] and adapters["lora"] == default["lora"]
 
 
+def test_the_router_recipe_pins_the_split_the_shipped_router_was_calibrated_on():
+    pin = read_pinned_splits(ROOT / _compose("profile=pretrain_router")["prepare"]["split"]["pinned"])
+    assert len(pin) == 432 and sorted(Counter(pin.values()).values()) == [22, 86, 324]
+
+
 def test_load_params_is_strict_and_read_only():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(ConfigAttributeError, match="no_such_key"):
