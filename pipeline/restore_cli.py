@@ -397,6 +397,9 @@ def set_card(folder, names: list[str], reports: Path, commit: str, profile: str,
         f"`{w.get('run_id', '?')}` ({w.get('mode', '?')}) |"
         for n in names for r, w in [(report(f"train_lora/{n}.json"), report(f"wandb/train_lora@{n}.json"))])
     router = report("fit_router.json")
+    pins = [f"`{f.name}`" for f in sorted(Path(folder.root).glob("*_split.json"))]
+    pinned = (f"\n\nBeside them: {', '.join(pins)}, the train / val / test splits of the photographs the backbone and "
+              "router recipes trained on, which those recipes pin (`prepare.split.pinned`)") if pins else ""
     noise_levels = "\n".join(f"| {n} | {m.get('val/regret_db_estimator', float('nan')):.3f} | "
                              f"{m.get('val/regret_db_analytic', float('nan')):.3f} |"
                              for n, m in report("fit_noise_level.json").items())
@@ -416,7 +419,7 @@ What `uir restore` uses before any `dvc repro` (the `models/` of the last `dvc r
 - `loras/<degradation>/`: one PEFT LoRA per degradation + `restoration.json` (t*, timestep rule); its card: `README.md`
 - `router/`: the degradation-aware router (config.json + safetensors; its card, where it was pre-trained, is `router/README.md`)
 - `noise_level/<degradation>/`: the noise level estimator that sets the timestep of an adapter with the `noise_sigma` rule (its card: `README.md`)
-- `restoration.json`: the routing policy and composition chosen on validation data
+- `restoration.json`: the routing policy and composition chosen on validation data{pinned}
 
 Trained by `dvc repro` (profile `{profile}`, `backbone.pretrained` = this folder's backbone) at commit
 `{commit or 'unknown'}`, then copied here by `uir ship`.{trained_on}

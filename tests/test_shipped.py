@@ -33,6 +33,7 @@ def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp
     target, trained = tmp_path / "shipped", tmp_path / "models"
     shutil.copytree(tiny_models, trained)
     shutil.copytree(tiny_models / "backbone", target / "backbone")
+    (target / "backbone_split.json").write_text(json.dumps({"splits": {"a": "train"}}))  # a recipe's pinned split
     (trained / "restoration.json").write_text(json.dumps({"policy": "gated"}))
     reports = tmp_path / "reports"
     (reports / "train_lora").mkdir(parents=True)
@@ -58,6 +59,8 @@ def test_uir_ship_copies_adapters_and_router_trained_on_the_shipped_backbone(tmp
     for needle in ("profile `pretrain_adapters`", "make params ARGS=profile=pretrain_adapters\nmake repro",
                    "`/photos` 1", data_digest(clean)["sha256"]):
         assert needle in card, needle
+    assert json.loads((target / "backbone_split.json").read_text()) == {"splits": {"a": "train"}}, "kept"
+    assert "Beside them: `backbone_split.json`, the train / val / test splits" in card
     code, out, _ = _cli(["info", "--models", str(target), "--json"], capsys)
     assert code == 0 and set(json.loads(out)["adapters"]) == {"noise", "blur"}
 
