@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -216,3 +218,14 @@ def test_routing_counts_each_decision_as_uir_restore_acts_on_it(photo, tiny_mode
     (row,) = routing.run([noisy], {}, never_clean)
     assert row["unchanged"] == 0 and sum(row["decisions"].values()) == 2 and "clean" not in row["decisions"]
     assert row["as_truth"] == row["decisions"].get("noise", 0)
+
+
+def test_backbone_step_benchmark_times_every_variant_and_writes_its_table(tmp_path):
+    from benchmarks import backbone_step
+
+    backbone_step.main(["--params", str(ROOT / "params.yaml"), "--device", "cpu", "--batches", "2", "--precisions",
+                        "fp32", "bf16", "--steps", "1", "--repeats", "1", "--out", str(tmp_path / "step")])
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [(r["precision"], r["ema"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    assert all(r["seconds_per_step"] > 0 for r in rows)
+    assert "| 2 | bf16 | yes | no |" in (tmp_path / "step.md").read_text()
