@@ -19,11 +19,11 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks import growth, quality, routing, speed
-from benchmarks.report import markdown
+from benchmarks.report import markdown, write_report
 from benchmarks.testsets import DEFAULT_ROOT, benchmarks, load_set
 from pipeline.config import load_params
 from pipeline.evaluation.methods import load_methods
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path
 
 SECTIONS = ("quality", "routing", "speed", "engines", "storage", "growth")
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if "quality" in args.sections:
         result["quality"] = quality.run(sets, methods, classical=None if args.no_classical else args.classical, backbone=models / "backbone")
     result.setdefault("runs", []).append({"sections": args.sections, "seconds": time.time() - started})
-    write_json(out.with_suffix(".json"), result)
     text = markdown(result)
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_report(out, result, text)
     if args.readme:
         readme = Path("README.md")
         content = readme.read_text(encoding="utf-8")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from benchmarks.report import table, write_report
 from pipeline.config import load_params
-from pipeline.files import atomic_path, write_json
 from pipeline.models.backbone import build_scheduler, build_unet
 from pipeline.training.backbone import ddpm_loss
 
@@ -56,15 +56,13 @@ def time_steps(device: str, batch: int, patch: int, params, precision: str, ema:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Backbone training step on {result['device']} ({result['threads']} threads), architecture "
-             f"{result['architecture']}, patches {result['patch']}²; best of {result['repeats']} runs of "
-             f"{result['steps']} steps each.", "",
-             "| batch | precision | EMA | compiled | ms / step | steps / s | patches / s |", "|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['batch']} | {row['precision']} | {'yes' if row['ema'] else 'no'} | "
-                     f"{'yes' if row['compiled'] else 'no'} | {1000 * row['seconds_per_step']:.1f} | "
-                     f"{1 / row['seconds_per_step']:.1f} | {row['batch'] / row['seconds_per_step']:.0f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[str(r["batch"]), r["precision"], "yes" if r["ema"] else "no", "yes" if r["compiled"] else "no",
+             f"{1000 * r['seconds_per_step']:.1f}", f"{1 / r['seconds_per_step']:.1f}",
+             f"{r['batch'] / r['seconds_per_step']:.0f}"] for r in result["rows"]]
+    return (f"Backbone training step on {result['device']} ({result['threads']} threads), architecture "
+            f"{result['architecture']}, patches {result['patch']}²; best of {result['repeats']} runs of "
+            f"{result['steps']} steps each.\n\n"
+            + table(["batch", "precision", "EMA", "compiled", "ms / step", "steps / s", "patches / s"], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,10 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     result = {"device": device, "threads": torch.get_num_threads(), "architecture": architecture, "patch": patch,
               "steps": args.steps, "repeats": args.repeats, "rows": rows}
-    write_json(args.out.with_suffix(".json"), result)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(result), encoding="utf-8")
-    print(markdown(result))
+    text = markdown(result)
+    write_report(args.out, result, text)
+    print(text)
 
 
 if __name__ == "__main__":

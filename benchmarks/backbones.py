@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import table, write_report
 from benchmarks.speed import best_time
 from benchmarks.testsets import DEFAULT_ROOT, gaussian_noise
 from pipeline.config import load_params
-from pipeline.files import atomic_path, write_json
 
 CBSD432 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trainsets" / "CBSD432"
 SIGMAS = (15, 25, 50)
@@ -122,15 +122,13 @@ def judge(unet, scheduler, images: list[np.ndarray]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Budget {result['budget_minutes']:g} min of training per size on this machine "
-             f"({result['threads']} threads), data: {result['data']}; judged on all {result['images']} CBSD68 images "
-             "(bare backbone, one step at the oracle t(σ), RGB PSNR dB); ms/MP: PyTorch eager, 4 tiles of 256².", "",
-             "| backbone | parameters | steps | σ=15 | σ=25 | σ=50 | ms / MP |", "|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['name']} | {row['parameters'] / 1e6:.2f} M | {row.get('steps', '—')} | "
-                     f"{row['psnr_sigma15']:.2f} | {row['psnr_sigma25']:.2f} | {row['psnr_sigma50']:.2f} | "
-                     f"{row['ms_per_megapixel']:.0f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[row["name"], f"{row['parameters'] / 1e6:.2f} M", str(row.get("steps", "—")), f"{row['psnr_sigma15']:.2f}",
+             f"{row['psnr_sigma25']:.2f}", f"{row['psnr_sigma50']:.2f}", f"{row['ms_per_megapixel']:.0f}"]
+            for row in result["rows"]]
+    return (f"Budget {result['budget_minutes']:g} min of training per size on this machine "
+            f"({result['threads']} threads), data: {result['data']}; judged on all {result['images']} CBSD68 images "
+            "(bare backbone, one step at the oracle t(σ), RGB PSNR dB); ms/MP: PyTorch eager, 4 tiles of 256².\n\n"
+            + table(["backbone", "parameters", "steps", "σ=15", "σ=25", "σ=50", "ms / MP"], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,10 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1])
     result = {"budget_minutes": args.budget_minutes, "threads": torch.get_num_threads(), "images": len(images),
               "data": "embedded photos" + (f" + {args.trainset.name}" if folders else ""), "rows": rows}
-    write_json(args.out.with_suffix(".json"), result)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(result), encoding="utf-8")
-    print(markdown(result))
+    text = markdown(result)
+    write_report(args.out, result, text)
+    print(text)
 
 
 if __name__ == "__main__":
