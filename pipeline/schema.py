@@ -190,6 +190,7 @@ class RestorationChoice(Strict):
     composition: Literal["sequential", "weights", "planned"] = None
     unknown: Literal["identity", "route"] = None
     noise_level: Literal["learned", "analytic"] = None
+    min_noise_correction: float = Field(default=None, ge=0)
 
 
 class Restoration(Strict):
@@ -204,6 +205,7 @@ class Restoration(Strict):
     composition: Literal["sequential", "weights", "planned"]
     unknown: Literal["identity", "route"]
     noise_level: Literal["learned", "analytic"]  # the timestep of a noise_sigma adapter: fit_noise_level's, or σ̂
+    min_noise_correction: float = Field(ge=0)  # learned: its correction to σ̂ only where at least this (log units)
     undo_order: list[str]
     ceiling_adapters: list[str]  # second adapters only below their training inputs' brightness; others ignored, as in undo_order
     strength_knots: list[float]  # noise levels (0–255) at which select_restoration fits noise_sigma adapters' strengths; []: none

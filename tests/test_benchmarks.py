@@ -229,3 +229,34 @@ def test_backbone_step_benchmark_times_every_variant_and_writes_its_table(tmp_pa
     assert [(r["precision"], r["ema"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
     assert all(r["seconds_per_step"] > 0 for r in rows)
     assert "| 2 | bf16 | yes | no |" in (tmp_path / "step.md").read_text()
+
+
+def test_noise_level_benchmark_measures_each_rule_on_the_pinned_validation_photos(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from benchmarks import noise_level
+    from pipeline.data.sources import load_folder
+
+    from .images import rgb
+    from .test_noise_level import _with_noise_estimator
+
+    models = _with_noise_estimator(tiny_models, tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.fromarray(rgb(40, 48, seed=index)).save(photos / f"p{index}.png")
+    names = sorted(image.name for image in load_folder(photos, 16)[0])
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"splits": {names[0]: "train", names[1]: "val", names[2]: "val"}}))
+    noise_level.main(["--models", str(models), "--photos", str(photos), "--split", str(split), "--sigmas", "25",
+                      "--min-corrections", "0", "2", "--out", str(tmp_path / "nl")])
+    result = json.loads((tmp_path / "nl.json").read_text())
+    rows = {r["rule"]: r for r in result["rows"]}
+    assert result["photos"] == 2 and list(rows) == ["analytic σ̂", "learned, min correction 0", "learned, min correction 2"]
+    assert rows["learned, min correction 0"]["vs_reference"] == 0.0
+    # the estimator's correction (log 3) is below 2: that rule is the analytic σ̂, image for image
+    assert rows["learned, min correction 2"]["psnr"] == rows["analytic σ̂"]["psnr"] != rows["learned, min correction 0"]["psnr"]
+    assert "| 25 | analytic σ̂ |" in (tmp_path / "nl.md").read_text()
+
+    noise_level.main(["--photos", str(tmp_path / "absent"), "--out", str(tmp_path / "none")])
+    assert "skipped" in capsys.readouterr().out and not (tmp_path / "none.json").exists()

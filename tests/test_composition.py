@@ -226,7 +226,7 @@ def _with_noise_sigma_rule(composition):
 
 def _read_sigma(composition, monkeypatch, sigmas):
     """Make the composition read these noise levels (0–255 scale), one per sample."""
-    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic": torch.tensor(sigmas) / 127.5)
+    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic", min_correction=0.0: torch.tensor(sigmas) / 127.5)
 
 
 @pytest.mark.parametrize("sigma,expected", [(5, 0.0), (10, 0.0), (17, 0.25), (20, 0.5), (23, 0.75), (30, 1.0), (80, 1.0)])
@@ -270,7 +270,7 @@ def test_samples_of_other_noise_levels_get_their_own_strength_in_one_batch(compo
 def test_a_strengthened_adapter_reads_the_noise_level_once_for_its_timestep_and_its_strength(composition, monkeypatch):
     composition = _with_noise_sigma_rule(composition)
     reads = []
-    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic": reads.append(name) or torch.full((len(y),), 0.2))
+    monkeypatch.setattr(composition, "noise_sigma", lambda name, y, noise_level="analytic", min_correction=0.0: reads.append(name) or torch.full((len(y),), 0.2))
     with torch.no_grad():
         composition.restore(torch.zeros(2, 3, 16, 16), composition.weights_for({"noise": 1.0}), "learned", {"noise": [[0, 0.5]]})
     assert reads == ["noise"]

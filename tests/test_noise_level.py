@@ -68,6 +68,20 @@ def test_an_untrained_estimator_is_the_analytic_estimate_and_round_trips(tmp_pat
         estimator(torch.zeros(1, 3, 8, 64))
 
 
+@pytest.mark.parametrize("correction,min_correction,kept", [
+    (np.log(2.0), 0.0, True), (np.log(2.0), 0.5, True), (np.log(2.0), 1.0, False),
+    (-np.log(2.0), 0.5, True), (-np.log(2.0), 1.0, False), (0.05, 0.1, False),
+])
+def test_a_correction_below_the_minimum_keeps_the_analytic_estimate(correction, min_correction, kept):
+    torch.manual_seed(3)
+    noisy = _smooth(48) + torch.randn(3, 3, 48, 48) * torch.tensor([10.0, 25, 50]).view(3, 1, 1, 1) / 127.5
+    estimator = NoiseLevelEstimator(NoiseLevelConfig(adapter="noise", hidden=8))
+    with torch.no_grad():
+        estimator.mlp[-1].bias.fill_(float(correction))
+        expected = estimate_noise_sigma(noisy) * (np.exp(correction) if kept else 1.0)
+        assert torch.allclose(estimator(noisy, min_correction), expected, rtol=1e-5)
+
+
 def test_quarter_turned_features_are_those_of_the_turned_image():
     torch.manual_seed(3)
     image = _jpeg(_smooth(96, 3) + torch.randn(1, 3, 96, 96) * 0.2, 40)[:, :, :, :80]
@@ -226,6 +240,23 @@ def test_restoration_uses_the_estimator_the_settings_name_and_caches_them_apart(
     with pytest.raises(ValueError, match="fit_noise_level"):
         without.restore(image, weights={"noise": 1.0})
     assert without.with_settings(noise_level="analytic").restore(image, weights={"noise": 1.0}).shape == image.shape
+
+
+def test_a_minimum_correction_above_the_estimators_restores_as_the_analytic_estimate(tiny_models, tmp_path):
+    from pipeline.models.restorer import RestorationCache, RestorationSettings, UniversalRestorer
+
+    from .images import rgb
+
+    models = _with_noise_estimator(tiny_models, tmp_path)  # its correction: log 3 ≈ 1.10
+    image = rgb(40, 56, seed=9)
+    restorer = UniversalRestorer.from_pretrained(models, tile=32, overlap=8, cache=RestorationCache())
+    learned = restorer.restore(image, weights={"noise": 1.0})
+    analytic = restorer.with_settings(noise_level="analytic").restore(image, weights={"noise": 1.0})
+    assert np.array_equal(restorer.with_settings(min_noise_correction=1.0).restore(image, weights={"noise": 1.0}), learned)
+    assert np.array_equal(restorer.with_settings(min_noise_correction=1.2).restore(image, weights={"noise": 1.0}), analytic)
+    assert not np.array_equal(learned, analytic)
+    with pytest.raises(ValueError, match="min_noise_correction must be >= 0"):
+        RestorationSettings(min_noise_correction=-0.1)
 
 
 def test_uir_ship_and_info_carry_the_noise_level_estimator(tiny_models, tmp_path, capsys):

@@ -60,7 +60,7 @@ def test_grayscale_alpha_and_16_bit_are_kept(restorer, channels, dtype):
 def test_tiling_blends_tiles_back_exactly(tiny_models, monkeypatch):
     """With a pixel-wise stand-in for the network, tiles, overlaps and the ramp blend reconstruct the image."""
     restorer = UniversalRestorer.from_pretrained(tiny_models, tile=32, overlap=8)
-    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights, noise_level, strengths: torch.tanh(y * 1.5))
+    monkeypatch.setattr(restorer.composition, "restore", lambda y, weights, noise_level, strengths, min_correction: torch.tanh(y * 1.5))
     assert restorer.tiles(image_shape=(70, 90)) == 3 * 4
     image = rgb(70, 90, seed=3)
     tiled = restorer.restore(image, weights={"noise": 1.0})
@@ -712,7 +712,7 @@ def test_strengths_apply_to_an_adapter_restoring_alone(tiny_models, monkeypatch,
         composition="sequential", noise_level="analytic", strengths=strengths))
     seen = []
     monkeypatch.setattr(restorer.composition, "restore",
-                        lambda y, vector, noise_level, given: seen.append(dict(given)) or y)
+                        lambda y, vector, noise_level, given, min_correction: seen.append(dict(given)) or y)
     restorer.restore(rgb(40, 40, seed=2), weights=weights)
     assert seen == [strengths if strengthened else {}] * steps
 

@@ -103,6 +103,8 @@ def over_seeds_markdown(runs: dict[int, dict], params, sample: str | None = None
                           f"{runs[s]['restoration'].get('cascade_pairs', 'any')} pairs" if runs[s]["restoration"]["policy"] == "cascade" else "")
                        + (", unknown routed" if runs[s]["restoration"].get("unknown") == "route" else "")
                        + f", {runs[s]['restoration'].get('noise_level', 'analytic')} noise level"
+                       + (f" (corrections from {runs[s]['restoration']['min_noise_correction']:g})"
+                          if runs[s]["restoration"].get("noise_level") == "learned" and runs[s]["restoration"].get("min_noise_correction") else "")
                        for s in seeds)
     lines += [
         "",

@@ -143,7 +143,8 @@ def choose_strengths(restorer: UniversalRestorer, sets: Sequence[PairedImages], 
             continue
         psnrs = np.array([[psnr(restorer.with_settings(strengths={s.name: [[0.0, level]]}).restore(lq, weights={s.name: 1.0}), gt)
                            for level in STRENGTH_LEVELS] for lq, gt in zip(s.degraded, s.clean)])
-        sigmas = np.array([float(composition.noise_sigma(s.name, to_float(lq)[0][None] * 2 - 1, restorer.settings.noise_level)[0])
+        sigmas = np.array([float(composition.noise_sigma(s.name, to_float(lq)[0][None] * 2 - 1, restorer.settings.noise_level,
+                                                         restorer.settings.min_noise_correction)[0])
                            * 127.5 for lq in s.degraded])
         values = fit_knots(psnrs, sigmas, knots)
         strengths[s.name] = [[float(k), float(v)] for k, v in zip(knots, values)]

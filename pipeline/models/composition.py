@@ -144,11 +144,11 @@ class AdapterComposition(torch.nn.Module):
             self._weights, self._used, self._mix_key = None, [], None
 
     def timesteps(self, weights: torch.Tensor, y: torch.Tensor, noise_level: str = "analytic",
-                  sigmas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                  sigmas: Mapping[str, torch.Tensor] | None = None, min_correction: float = 0.0) -> torch.Tensor:
         """Per-sample timesteps: the weight-averaged timesteps of the composed adapters (rounded), each
         adapter's its ``t*`` or, under the ``noise_sigma`` rule, the one of the noise level in ``y`` — estimated
-        by the analytic σ̂ (``noise_level="analytic"``) or by the adapter's ``NoiseLevelEstimator`` ("learned"),
-        unless ``sigmas`` has it already (``noise_sigmas``).
+        by the analytic σ̂ (``noise_level="analytic"``) or by the adapter's ``NoiseLevelEstimator`` ("learned",
+        with its ``min_correction``), unless ``sigmas`` has it already (``noise_sigmas``).
 
         All-zero weights (no adapter) get the mean."""
         if noise_level not in NOISE_LEVELS:
@@ -158,40 +158,44 @@ class AdapterComposition(torch.nn.Module):
         uniform = torch.full_like(weights, 1.0 / weights.shape[1])
         normalised = torch.where(total > 0, weights / total.clamp_min(1e-12), uniform)
         used = normalised.any(dim=0).tolist()
-        per_adapter = torch.stack([self._adapter_timesteps(i, y, noise_level, sigmas or {}).float() if used[i]
+        per_adapter = torch.stack([self._adapter_timesteps(i, y, noise_level, sigmas or {}, min_correction).float() if used[i]
                                    else torch.zeros(y.shape[0], device=y.device) for i in range(len(self.names))], dim=1)
         return (normalised * per_adapter).sum(dim=1).round().long()
 
     def _adapter_timesteps(self, index: int, y: torch.Tensor, noise_level: str,
-                           sigmas: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                           sigmas: Mapping[str, torch.Tensor], min_correction: float) -> torch.Tensor:
         name = self.names[index]
         if self.timestep_rules[index] != "noise_sigma":
             return rule_timesteps(self.timestep_rules[index], int(self.t_star[index]), y, self.readout)
-        return self.readout.timesteps_for_sigma(sigmas[name] if name in sigmas else self.noise_sigma(name, y, noise_level))
+        return self.readout.timesteps_for_sigma(sigmas[name] if name in sigmas
+                                                else self.noise_sigma(name, y, noise_level, min_correction))
 
-    def noise_sigma(self, name: str, y: torch.Tensor, noise_level: str = "analytic") -> torch.Tensor:
+    def noise_sigma(self, name: str, y: torch.Tensor, noise_level: str = "analytic",
+                    min_correction: float = 0.0) -> torch.Tensor:
         """The noise level (B,) in ``y`` (B×3×H×W on [-1, 1]; σ on that scale) that sets the timestep of the
-        ``noise_sigma`` adapter ``name``: its ``NoiseLevelEstimator``'s (``learned``) or the ``analytic`` σ̂."""
+        ``noise_sigma`` adapter ``name``: its ``NoiseLevelEstimator``'s (``learned``; σ̂ where its correction is
+        smaller than ``min_correction``) or the ``analytic`` σ̂."""
         if noise_level == "analytic":
             return estimate_noise_sigma(y)
         if name not in self.noise_levels:
             raise ValueError(f"adapter {name!r} has no noise level estimator: run `dvc repro fit_noise_level`, "
                              "or restore with the analytic estimate (noise_level: analytic)")
-        return self.noise_levels[name](y)
+        return self.noise_levels[name](y, min_correction)
 
-    def noise_sigmas(self, y: torch.Tensor, noise_level: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    def noise_sigmas(self, y: torch.Tensor, noise_level: str, names: Iterable[str],
+                     min_correction: float = 0.0) -> dict[str, torch.Tensor]:
         """``noise_sigma`` of each adapter of ``names``, which must have the ``noise_sigma`` rule: read once, for
         both its timestep and its strength."""
         for name in names:
             if name not in self.names or self.timestep_rules[self.names.index(name)] != "noise_sigma":
                 raise ValueError(f"a strength needs an adapter with the noise_sigma rule; {name!r} is not one here")
-        return {name: self.noise_sigma(name, y, noise_level) for name in names}
+        return {name: self.noise_sigma(name, y, noise_level, min_correction) for name in names}
 
     def strength(self, y: torch.Tensor, noise_level: str, strengths: Mapping[str, Sequence[Sequence[float]]],
-                 sigmas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 sigmas: Mapping[str, torch.Tensor] | None = None, min_correction: float = 0.0) -> torch.Tensor:
         """(B, N) factors of the adapter weights: 1, or for an adapter of ``strengths`` (it needs the ``noise_sigma``
         rule) ``strength_at`` the noise level of each sample (``sigmas``, or ``noise_sigmas`` of ``y``)."""
-        sigmas = self.noise_sigmas(y, noise_level, strengths) if sigmas is None else sigmas
+        sigmas = self.noise_sigmas(y, noise_level, strengths, min_correction) if sigmas is None else sigmas
         factors = torch.ones(y.shape[0], len(self.names), device=y.device)
         for name, knots in strengths.items():
             at = strength_at((sigmas[name] * 127.5).detach().cpu().double().numpy(), knots)
@@ -199,14 +203,14 @@ class AdapterComposition(torch.nn.Module):
         return factors
 
     def restore(self, y: torch.Tensor, weights: torch.Tensor, noise_level: str = "analytic",
-                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None) -> torch.Tensor:
+                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None, min_correction: float = 0.0) -> torch.Tensor:
         """One-step restoration of ``y`` (B×3×H×W on [-1, 1]) with the composed adapters, at ``timesteps``'s;
         with ``strengths`` (``strength``), each adapter's weight times its strength on that sample (the timestep
         stays the adapter's: strength 0 is the bare backbone at it)."""
         weights = self._check(weights, y.shape[0])
         per_sample = weights if weights.ndim == 2 else weights.expand(y.shape[0], -1)
-        sigmas = self.noise_sigmas(y, noise_level, strengths or {})
-        timesteps = self.timesteps(per_sample, y, noise_level, sigmas)
+        sigmas = self.noise_sigmas(y, noise_level, strengths or {}, min_correction)
+        timesteps = self.timesteps(per_sample, y, noise_level, sigmas, min_correction)
         if strengths:
             weights = per_sample * self.strength(y, noise_level, strengths, sigmas)
         return self.restore_at(y, weights, timesteps)

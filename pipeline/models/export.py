@@ -246,11 +246,11 @@ class OnnxEngine:
         return self._runners[key]
 
     def restore(self, y: torch.Tensor, vector: torch.Tensor, noise_level: str = "analytic",
-                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None) -> torch.Tensor:
+                strengths: Mapping[str, Sequence[Sequence[float]]] | None = None, min_correction: float = 0.0) -> torch.Tensor:
         """``AdapterComposition.restore`` for one mix (weights (N,)), by the runtime: with ``strengths``, the
         samples of each distinct strengthened mix together, by that mix's network."""
-        sigmas = self.composition.noise_sigmas(y, noise_level, strengths or {})
-        timesteps = self.composition.timesteps(vector, y, noise_level, sigmas).cpu().numpy().astype(np.int64)
+        sigmas = self.composition.noise_sigmas(y, noise_level, strengths or {}, min_correction)
+        timesteps = self.composition.timesteps(vector, y, noise_level, sigmas, min_correction).cpu().numpy().astype(np.int64)
         rows = vector[None].expand(len(y), -1)
         if strengths:
             rows = rows * self.composition.strength(y, noise_level, strengths, sigmas).cpu()

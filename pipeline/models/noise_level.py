@@ -12,7 +12,10 @@ of the image's size and of where a JPEG block grid starts: the ratios of σ̂ on
 4× to σ̂ at full resolution (white noise halves with each 2× average, low-pass noise does not), and the
 blockiness of horizontal and vertical differences (the strongest of the 8 block phases over their mean).
 ``log σ = log σ̂ + MLP(features)``, the MLP's last layer starting at zero: before training, and wherever the
-features say white noise, it is the analytic estimate. Training (``pipeline.training.noise_level``) fits the
+features say white noise, it is the analytic estimate. A ``min_correction`` keeps σ̂ where the correction is
+smaller than that (in log units): on white noise in full-size photos σ̂ is the better estimate (the
+correction learned on small patches of a few photos only adds its own error there), while noise that JPEG or
+blur went over needs corrections many times larger. Training (``pipeline.training.noise_level``) fits the
 σ whose timestep ``t(σ)`` gave the adapter its best PSNR on each training patch.
 """
 
@@ -90,13 +93,18 @@ class NoiseLevelEstimator(torch.nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return noise_features(images, self.config.block)
 
-    def log_sigma(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,) log σ on the [-1, 1] scale, from ``features`` (B, 5)."""
-        return features[:, 0] + self.mlp((features - self.feature_mean) / self.feature_std)[:, 0]
+    def log_sigma(self, features: torch.Tensor, min_correction: float = 0.0) -> torch.Tensor:
+        """(B,) log σ on the [-1, 1] scale, from ``features`` (B, 5); a correction to log σ̂ smaller in size than
+        ``min_correction`` is dropped."""
+        correction = self.mlp((features - self.feature_mean) / self.feature_std)[:, 0]
+        if min_correction > 0:
+            correction = torch.where(correction.abs() < min_correction, torch.zeros_like(correction), correction)
+        return features[:, 0] + correction
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """σ (B,) on the [-1, 1] scale for images B×3×H×W on [-1, 1] (at least 16×16)."""
-        return self.log_sigma(self.features(images)).exp()
+    def forward(self, images: torch.Tensor, min_correction: float = 0.0) -> torch.Tensor:
+        """σ (B,) on the [-1, 1] scale for images B×3×H×W on [-1, 1] (at least 16×16): σ̂ where the learned
+        correction is smaller than ``min_correction`` (log units)."""
+        return self.log_sigma(self.features(images), min_correction).exp()
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> None:
         """Config and weights, and ``card`` as its README.md where given, written as one folder."""

@@ -76,6 +76,10 @@ class RestorationSettings:
         noise_level: what sets the timestep of an adapter with the ``noise_sigma`` rule: its ``learned``
             ``NoiseLevelEstimator`` (``fit_noise_level``; reads noise that JPEG or blur went over) or the
             ``analytic`` σ̂ (white noise only).
+        min_noise_correction: ``learned``: the estimator's correction to the analytic σ̂ is applied only where it is
+            at least this large (|log σ − log σ̂|); below it, the noise reads as white and σ̂ is kept: on white noise
+            in full-size photos σ̂ is the better estimate, noise that JPEG or blur went over needs far larger
+            corrections. 0: always the estimator's.
         ceilings: per adapter, the ``bright_end`` of the brightest input it was trained on (``select_restoration``
             measures it on the training set); ``confirmed`` and ``cascade`` do not add it as a second adapter to
             a first restoration brighter than that. A darkening degradation caps its images' brightness: a
@@ -98,6 +102,7 @@ class RestorationSettings:
     undo_order: tuple[str, ...] = ("jpeg", "noise", "rain", "blur", "lowlight", "haze")
     plans: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     noise_level: str = "learned"
+    min_noise_correction: float = 0.2
     ceilings: Mapping[str, float] = field(default_factory=dict)
     strengths: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
@@ -113,10 +118,12 @@ class RestorationSettings:
                   (self.composition in COMPOSITIONS, f"composition must be one of {COMPOSITIONS}, got {self.composition!r}"),
                   (self.unknown in UNKNOWN, f"unknown must be one of {UNKNOWN}, got {self.unknown!r}"),
                   (self.noise_level in NOISE_LEVELS, f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}"),
+                  (self.min_noise_correction >= 0, f"min_noise_correction must be >= 0, got {self.min_noise_correction!r}"),
                   (all(0 <= v <= 1 for v in self.ceilings.values()), f"ceilings must be in [0, 1], got {dict(self.ceilings)!r}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        object.__setattr__(self, "min_noise_correction", float(self.min_noise_correction))
         object.__setattr__(self, "undo_order", tuple(self.undo_order))
         object.__setattr__(self, "validated_mixes", tuple(self.validated_mixes))
         plans = {key: tuple(tuple(step) for step in plan) for key, plan in self.plans.items()}
@@ -507,7 +514,7 @@ class UniversalRestorer:
         second degradation."""
         strengths = self.settings.strengths if strengthen and len(steps) == 1 and len(steps[0]) == 1 else {}
         context = ("restoration", self.composition, self.tile, self.overlap, self.batch_size, self.engine, self.precision,
-                   self.settings.noise_level, tuple(sorted(strengths.items())))
+                   self.settings.noise_level, self.settings.min_noise_correction, tuple(sorted(strengths.items())))
         source, done = x, ()
         for mix in steps:
             vector = self.composition.weights_for(mix).to(self.device)
@@ -525,10 +532,10 @@ class UniversalRestorer:
 
     def _network(self, y: torch.Tensor, vector: torch.Tensor, strengths: Mapping) -> torch.Tensor:
         if self.engine == "torch":
-            return self.composition.restore(y, vector, self.settings.noise_level, strengths)
+            return self.composition.restore(y, vector, self.settings.noise_level, strengths, self.settings.min_noise_correction)
         if self._onnx is None:
             self._onnx = OnnxEngine(self.composition, self.engine, self.precision)
-        return self._onnx.restore(y, vector, self.settings.noise_level, strengths)
+        return self._onnx.restore(y, vector, self.settings.noise_level, strengths, self.settings.min_noise_correction)
 
     def tiles(self, image_shape: tuple[int, ...], steps: int = 1) -> int:
         """Tiles restoring an image of ``image_shape`` (H, W, ...) in ``steps`` steps takes: for progress bars."""
