@@ -307,7 +307,9 @@ def info_main(args: argparse.Namespace) -> int:
           + ("no clean class" if r["clean_threshold"] is None else f"clean at or above {r['clean_threshold']}"))
     s = info["restoration"]
     print(f"restoring {s['policy']} routing" + (f" (mix threshold {s['mix_threshold']})" if s["mix_threshold"] is not None else "")
-          + f", {s['composition']} mixing, unknown: {s['unknown']}, noise timestep: {s['noise_level']}  ({s['source']})")
+          + f", {s['composition']} mixing, unknown: {s['unknown']}, noise timestep: {s['noise_level']}"
+          + (f" (corrections to σ̂ from {s['min_noise_correction']:g})" if s["noise_level"] == "learned" else "")
+          + f"  ({s['source']})")
     if s["composition"] == "planned":
         print("plans     " + "; ".join(f"{key}: " + " then ".join("+".join(step) for step in plan)
                                     for key, plan in s["plans"].items()))

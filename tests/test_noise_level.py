@@ -278,4 +278,4 @@ def test_uir_ship_and_info_carry_the_noise_level_estimator(tiny_models, tmp_path
         (trained / "noise_level" / "noise" / "model.safetensors").read_bytes()
     assert "| noise | 0.210 | 0.460 |" in (target / "README.md").read_text()
     code, out, _ = _run_cli(["info", "--models", str(target)], capsys)
-    assert code == 0 and "t(σ) learned" in out and "noise timestep: learned" in out
+    assert code == 0 and "t(σ) learned" in out and "noise timestep: learned (corrections to σ̂ from 0.2)" in out
