@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("--noise-level", choices=["learned", "analytic"], default=None,
                          help="the noise adapter's timestep: from its learned noise level estimator (reads noise that "
                               "JPEG or blur went over) or from the analytic σ̂ of white noise")
+    restore.add_argument("--min-noise-correction", type=float, default=None,
+                         help="learned: its correction to σ̂ only where at least this (log units; 0: always)")
     restore.add_argument("--tile", type=int, default=256, help="tile side in pixels for large images")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--batch-size", type=int, default=4, help="tiles restored at once")

@@ -132,7 +132,8 @@ def restoration_settings(args: argparse.Namespace):
     from pipeline.models.restorer import SETTINGS_FILE, RestorationSettings
 
     overrides = dict(policy=args.policy, top_k=args.top_k, composition=args.composition, unknown=args.unknown,
-                     mix_threshold=args.mix_threshold, noise_level=args.noise_level)
+                     mix_threshold=args.mix_threshold, noise_level=args.noise_level,
+                     min_noise_correction=args.min_noise_correction)
     file = Path(args.models) / SETTINGS_FILE
     return RestorationSettings.load(file, **overrides) if file.is_file() else RestorationSettings.from_params({}, **overrides)
 

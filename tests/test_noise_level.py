@@ -279,3 +279,27 @@ def test_uir_ship_and_info_carry_the_noise_level_estimator(tiny_models, tmp_path
     assert "| noise | 0.210 | 0.460 |" in (target / "README.md").read_text()
     code, out, _ = _run_cli(["info", "--models", str(target)], capsys)
     assert code == 0 and "t(σ) learned" in out and "noise timestep: learned (corrections to σ̂ from 0.2)" in out
+
+
+@pytest.mark.parametrize("flags,same_as", [
+    (["--min-noise-correction", "2"], "analytic"),  # above the estimator's correction (log 3): σ̂
+    (["--min-noise-correction", "0"], "learned"),
+    (["--noise-level", "analytic"], "analytic"),
+])
+def test_uir_restore_flags_choose_the_noise_level(tiny_models, tmp_path, capsys, flags, same_as):
+    from PIL import Image
+
+    from pipeline.images import read_image
+    from pipeline.models.restorer import UniversalRestorer
+
+    from .images import rgb
+    from .test_restore import _run_cli
+
+    models = _with_noise_estimator(tiny_models, tmp_path)
+    image = rgb(40, 56, seed=11)
+    Image.fromarray(image).save(tmp_path / "noisy.png")
+    code, out, _ = _run_cli(["restore", str(tmp_path / "noisy.png"), "-o", str(tmp_path / "out"), "--models", str(models),
+                             "--lora", "noise", "--tile", "32", "--overlap", "8", *flags], capsys)
+    assert code == 0, out
+    restorer = UniversalRestorer.from_pretrained(models, tile=32, overlap=8).with_settings(noise_level=same_as)
+    assert np.array_equal(read_image(tmp_path / "out" / "noisy.png"), restorer.restore(image, weights={"noise": 1.0}))
