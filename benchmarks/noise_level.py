@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--min-corrections must be >= 0")
     import torch
 
-    torch.set_grad_enabled(False)
     started = time.perf_counter()
     photos = validation_photos(args.photos, args.split, args.images)
-    rows = measure(args.models, photos, args.sigmas, args.min_corrections)
+    with torch.no_grad():
+        rows = measure(args.models, photos, args.sigmas, args.min_corrections)
     result = {"models": shown(args.models), "photos_folder": shown(args.photos), "split": shown(args.split),
               "photos": len(photos), "reference": f"learned, min correction {args.min_corrections[0]:g}",
               "rows": rows, "seconds": time.perf_counter() - started}

@@ -232,6 +232,7 @@ def test_backbone_step_benchmark_times_every_variant_and_writes_its_table(tmp_pa
 
 
 def test_noise_level_benchmark_measures_each_rule_on_the_pinned_validation_photos(tiny_models, tmp_path, capsys):
+    import torch
     from PIL import Image
 
     from benchmarks import noise_level
@@ -257,6 +258,7 @@ def test_noise_level_benchmark_measures_each_rule_on_the_pinned_validation_photo
     # the estimator's correction (log 3) is below 2: that rule is the analytic σ̂, image for image
     assert rows["learned, min correction 2"]["psnr"] == rows["analytic σ̂"]["psnr"] != rows["learned, min correction 0"]["psnr"]
     assert "| 25 | analytic σ̂ |" in (tmp_path / "nl.md").read_text()
+    assert torch.is_grad_enabled(), "the benchmark must not switch autograd off for the process"
 
     noise_level.main(["--photos", str(tmp_path / "absent"), "--out", str(tmp_path / "none")])
     assert "skipped" in capsys.readouterr().out and not (tmp_path / "none.json").exists()
