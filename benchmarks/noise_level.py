@@ -45,11 +45,14 @@ def validation_photos(folder: Path, split_file: Path, limit: int) -> list:
     return photos[:limit] if limit else photos
 
 
+def learned_label(correction: float) -> str:
+    return f"learned, min correction {correction:g}"
+
+
 def rules(corrections: list[float]) -> dict[str, dict]:
     """Row label -> restoration settings: the analytic σ̂, then the learned estimator at each minimum correction."""
     found = {"analytic σ̂": {"noise_level": "analytic"}}
-    found.update({f"learned, min correction {c:g}": {"noise_level": "learned", "min_noise_correction": c}
-                  for c in corrections})
+    found.update({learned_label(c): {"noise_level": "learned", "min_noise_correction": c} for c in corrections})
     return found
 
 
@@ -59,8 +62,9 @@ def measure(models: Path, photos: list, sigmas: list[int], corrections: list[flo
     from pipeline.models.restorer import UniversalRestorer
 
     restorer = UniversalRestorer.from_pretrained(models, router=False)
-    variants = {label: restorer.with_settings(**changes) for label, changes in rules(corrections).items()}
-    reference = f"learned, min correction {corrections[0]:g}"
+    settings = rules(corrections)
+    variants = {label: restorer.with_settings(**changes) for label, changes in settings.items()}
+    reference = learned_label(corrections[0])
     rows = []
     for sigma in sigmas:
         scores = {label: [] for label in variants}
@@ -70,7 +74,7 @@ def measure(models: Path, photos: list, sigmas: list[int], corrections: list[flo
                 scores[label].append(psnr(variant.restore(noisy, weights={"noise": 1.0}), photo.pixels))
         for label, values in scores.items():
             diff = np.array(values) - np.array(scores[reference])
-            rows.append({"sigma": sigma, "rule": label, "settings": rules(corrections)[label], "psnr": float(np.mean(values)),
+            rows.append({"sigma": sigma, "rule": label, "settings": settings[label], "psnr": float(np.mean(values)),
                          "vs_reference": float(diff.mean()),
                          "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0})
         print(f"noise_level: σ={sigma:g} done", flush=True)
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         rows = measure(args.models, photos, args.sigmas, args.min_corrections)
     result = {"models": shown(args.models), "photos_folder": shown(args.photos), "split": shown(args.split),
-              "photos": len(photos), "reference": f"learned, min correction {args.min_corrections[0]:g}",
+              "photos": len(photos), "reference": learned_label(args.min_corrections[0]),
               "rows": rows, "seconds": time.perf_counter() - started}
     write_report(args.out, result, markdown(result))
     print(markdown(result))

@@ -1,4 +1,5 @@
-"""Quality on real photographs: every method on every benchmark, PSNR / SSIM / seconds per image."""
+"""Quality on real photographs: every method on every benchmark, PSNR / SSIM / seconds per image, and each
+method's paired PSNR difference to UIR-LoRA on the same images."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ SHOWN = {"uir_lora": "UIR-LoRA (as `uir restore`)", "oracle_sequential": "oracle
 
 
 BARE = "bare backbone, oracle t(σ)"
+REFERENCE = SHOWN["uir_lora"]  # the paired differences of a benchmark's rows are taken against it
 
 
 def network_methods(methods: list[Method]) -> dict[str, Callable[[Case], np.ndarray]]:
@@ -90,5 +92,18 @@ def _run_one(bench: Benchmark, networks: dict, bare: Callable | None, classical:
             scores.append(score(case.clean, restored))
         psnr, ssim, psnr_y = np.mean(scores, axis=0)
         rows.append({"benchmark": bench.name, "method": name, "images": len(bench.cases), "psnr": float(psnr),
-                     "ssim": float(ssim), "psnr_y": float(psnr_y), "seconds_per_image": float(np.mean(seconds))})
+                     "ssim": float(ssim), "psnr_y": float(psnr_y), "seconds_per_image": float(np.mean(seconds)),
+                     "psnr_per_image": [s[0] for s in scores]})
+    reference = next((r["psnr_per_image"] for r in rows if r["method"] == REFERENCE), None)
+    if reference is not None:
+        for row in rows:
+            if row["method"] != REFERENCE:
+                row["vs_reference"] = paired_difference(row["psnr_per_image"], reference)
     return rows
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """Mean of the per-image differences ``values - reference`` and its standard error (0 for one image)."""
+    diff = np.asarray(values) - np.asarray(reference)
+    return {"mean": float(diff.mean()),
+            "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0}

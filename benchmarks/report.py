@@ -31,17 +31,21 @@ def markdown(result: dict) -> str:
                      "[0, 255] and on the BT.601 Y channel (the JPEG literature's protocol), SSIM; seconds per image "
                      "on this CPU). Noise: clean + N(0, σ²), a fixed seed per image; JPEG: Pillow at the given "
                      "quality; Kodak24 rows use the project's own degradations (blur kernels known to Wiener / "
-                     "Richardson–Lucy). The last column: published results (RGB PSNR, from the test sets' README) — "
-                     "**published, not run here**.")
+                     "Richardson–Lucy). *− UIR-LoRA*: the method's RGB PSNR minus UIR-LoRA's on the same images, "
+                     "mean ± its standard error over the images (paired; one run). The last column: published results "
+                     "(RGB PSNR, from the test sets' README) — **published, not run here**.")
         benches = list(dict.fromkeys(r["benchmark"] for r in result["quality"]))
         rows = []
         for bench in benches:
             for r in (r for r in result["quality"] if r["benchmark"] == bench):
-                rows.append([bench, r["method"], f"{r['psnr']:.2f}", f"{r['psnr_y']:.2f}" if "psnr_y" in r else "—",
+                paired = r.get("vs_reference")
+                rows.append([bench, r["method"], f"{r['psnr']:.2f}",
+                             f"{paired['mean']:+.2f} ± {paired['standard_error']:.2f}" if paired else "",
+                             f"{r['psnr_y']:.2f}" if "psnr_y" in r else "—",
                              f"{r['ssim']:.3f}", f"{r['seconds_per_image']:.2f}", ""])
             for method, psnr in PUBLISHED.get(bench, {}).items():
-                rows.append([bench, method, "", "", "", "", f"{psnr:.2f}"])
-        parts.append(table(["benchmark", "method", "PSNR", "PSNR (Y)", "SSIM", "s / image",
+                rows.append([bench, method, "", "", "", "", "", f"{psnr:.2f}"])
+        parts.append(table(["benchmark", "method", "PSNR", "− UIR-LoRA", "PSNR (Y)", "SSIM", "s / image",
                              "published, not run here"], rows))
         for line in result.get("skipped", []):
             parts.append(f"- skipped {line}")

@@ -92,6 +92,33 @@ def test_noise_benchmarks_add_the_bare_backbone_at_the_oracle_timestep(photo, ti
     assert [r["method"] for r in rows] == ["degraded input", "NLM (skimage)"]
 
 
+def test_rows_carry_their_paired_difference_to_uir_lora_on_the_same_images(photo):
+    from benchmarks.quality import REFERENCE, _run_one
+    from benchmarks.testsets import Benchmark
+
+    crops = [photo[:40, :56], photo[40:80, 56:112]]
+    bench = Benchmark("noise σ=25", [Case(str(i), c, gaussian_noise(c, 25, seed=i), "noise", {"sigma": 25})
+                                     for i, c in enumerate(crops)])
+    rows = {r["method"]: r for r in _run_one(bench, {REFERENCE: lambda case: case.degraded}, None, "NLM")}
+    assert "vs_reference" not in rows[REFERENCE]
+    assert rows["degraded input"]["vs_reference"] == {"mean": 0.0, "standard_error": 0.0}
+    nlm = rows["NLM (skimage)"]
+    assert nlm["vs_reference"]["mean"] == pytest.approx(nlm["psnr"] - rows[REFERENCE]["psnr"]) and nlm["vs_reference"]["mean"] > 0
+    assert len(nlm["psnr_per_image"]) == 2 and nlm["vs_reference"]["standard_error"] > 0
+
+
+@pytest.mark.parametrize("values, reference, mean, standard_error", [
+    ([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 2.0, 1 / np.sqrt(3)),
+    ([5.0, 5.0], [4.0, 4.0], 1.0, 0.0),
+    ([2.0], [3.0], -1.0, 0.0),
+])
+def test_paired_difference_is_the_mean_of_per_image_differences_with_its_standard_error(values, reference, mean,
+                                                                                       standard_error):
+    from benchmarks.quality import paired_difference
+
+    assert paired_difference(values, reference) == pytest.approx({"mean": mean, "standard_error": standard_error})
+
+
 def test_storage_lists_each_model_with_its_size_and_parameters(tiny_models):
     rows = speed.storage(tiny_models)
     assert {r["model"] for r in rows} == {"backbone", "router", "LoRA noise", "LoRA blur"}
@@ -105,7 +132,8 @@ def test_report_renders_every_section():
     result = {
         "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "torch": "2"}, "profile": "smoke", "runs": [{"sections": ["quality"], "seconds": 60}],
         "images_per_set": 1,
-        "quality": [{"benchmark": "CBSD68 noise σ=25", "method": "CBM3D", "psnr": 30.1, "ssim": 0.8, "seconds_per_image": 9.0}],
+        "quality": [{"benchmark": "CBSD68 noise σ=25", "method": "CBM3D", "psnr": 30.1, "ssim": 0.8, "seconds_per_image": 9.0,
+                     "vs_reference": {"mean": -0.25, "standard_error": 0.1}}],
         "training": [{"stage": "train_lora@noise", "variant": "v", "batch": 16, "seconds_per_step": 0.1,
                       "patches_per_second": 160, "stage_training_seconds": 20}],
         "growth": {"new_degradation_seconds": 30, "multitask_retrain_seconds": 300, "all_training_seconds": 900,
@@ -128,7 +156,8 @@ def test_report_renders_every_section():
                          "multitask_seconds": 700.0, "trained_loras": ["train_lora@speckle"]},
     }
     text = markdown(result)
-    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 | — | 0.800 |", "| CBSD68 noise σ=25 | CBM3D |  |  |  |  | 30.71 |",
+    for needle in ("| CBSD68 noise σ=25 | CBM3D | 30.10 | -0.25 ± 0.10 | — | 0.800 |",
+                   "| CBSD68 noise σ=25 | CBM3D |  |  |  |  |  | 30.71 |",
                    "published, not run here", "Cost of growth", "of matmul rate", "620,000", "1024²",
                    "| ONNX Runtime fp32 | K=2 | 812 |", "| Kodak24 σ=25 | 30.00 | 29.50 |", "| QuantizeLinear | 0 % | 30 % |",
                    "| other | 20 % | 20 % |", "180 GFLOP per megapixel", "| ONNX Runtime int8 | 12 MP | 10.0 | 833 | 700 |",
