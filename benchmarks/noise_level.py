@@ -57,6 +57,7 @@ def rules(corrections: list[float]) -> dict[str, dict]:
 
 
 def measure(models: Path, photos: list, sigmas: list[int], corrections: list[float]) -> list[dict]:
+    from benchmarks.quality import paired_difference
     from pipeline.data.degradations import sample_seed
     from pipeline.evaluation.selection import psnr
     from pipeline.models.restorer import UniversalRestorer
@@ -73,10 +74,9 @@ def measure(models: Path, photos: list, sigmas: list[int], corrections: list[flo
             for label, variant in variants.items():
                 scores[label].append(psnr(variant.restore(noisy, weights={"noise": 1.0}), photo.pixels))
         for label, values in scores.items():
-            diff = np.array(values) - np.array(scores[reference])
+            paired = paired_difference(values, scores[reference])
             rows.append({"sigma": sigma, "rule": label, "settings": settings[label], "psnr": float(np.mean(values)),
-                         "vs_reference": float(diff.mean()),
-                         "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0})
+                         "vs_reference": paired["mean"], "standard_error": paired["standard_error"]})
         print(f"noise_level: σ={sigma:g} done", flush=True)
     return rows
 
