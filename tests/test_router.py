@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline.models.router import DegradationRouter, RouterConfig, select_adapters
+from pipeline.models.router import POLICIES, DegradationRouter, RouterConfig, select_adapters
 
 from .conftest import ROOT
 
@@ -49,6 +49,15 @@ def test_routing_policies(probabilities, presence, policy, expected):
     weights = select_adapters(torch.tensor(probabilities), policy, top_k=2, mix_threshold=0.3,
                               presence=torch.tensor(presence))
     assert torch.allclose(weights, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_routing_keeps_the_dtype_of_reduced_precision(policy):
+    # under bf16 autocast (trainer.precision=bf16-mixed) the router's outputs are bf16
+    probabilities = torch.tensor([[0.55, 0.40, 0.05]], dtype=torch.bfloat16)
+    presence = torch.tensor([[0.90, 0.10, 0.80]], dtype=torch.bfloat16)
+    weights = select_adapters(probabilities, policy, top_k=2, mix_threshold=0.3, presence=presence)
+    assert weights.dtype == torch.bfloat16 and float(weights.sum()) == pytest.approx(1.0, abs=1e-2)
 
 
 @pytest.mark.parametrize("policy", ["gated", "confirmed", "cascade"])

@@ -54,8 +54,9 @@ def test_backbone_ddpm_fast_dev_run(tiny_project, params, backbone):
     assert {"val/psnr_sigma25", "val/psnr_input_sigma25"} <= set(trainer.callback_metrics)
 
 
-@pytest.mark.parametrize("kind", ["lora", "multitask"])
-def test_restoration_fast_dev_run(tiny_project, backbone, kind):
+@pytest.mark.parametrize("kind,precision", [("lora", "32-true"), ("multitask", "32-true"), ("lora", "bf16-mixed"),
+                                            ("multitask", "bf16-mixed")])
+def test_restoration_fast_dev_run(tiny_project, backbone, kind, precision):
     unet, scheduler = backbone
     roots = [tiny_project / "data/degraded/noise", tiny_project / "data/degraded/jpeg"]
     if kind == "lora":
@@ -63,9 +64,14 @@ def test_restoration_fast_dev_run(tiny_project, backbone, kind):
     else:
         network = unet.requires_grad_(True)
     module = _restoration(network, scheduler, ("noise", "jpeg"), (200, 120))
-    trainer = _trainer(fast_dev_run=True)
+    before = {n: p.clone() for n, p in network.named_parameters() if p.requires_grad}
+    trainer = _trainer(fast_dev_run=True, precision=precision)
     trainer.fit(module, datamodule=RestorationDataModule(roots, batch_size=4, seed=0))
     metrics = trainer.callback_metrics
+    trained = {n: p for n, p in network.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(before[n], p) for n, p in trained.items())
+    assert {p.dtype for p in trained.values()} == {torch.float32}  # mixed precision keeps fp32 master weights
+    assert torch.isfinite(metrics["val/psnr"])
     assert {"val/psnr", "val/ssim", "val/input_psnr", "val/psnr/noise"} <= set(metrics)  # one val batch: noise only
     assert module.best_state is not None and module.load_best()["val/psnr"] == pytest.approx(float(metrics["val/psnr"]))
 
@@ -274,3 +280,19 @@ def test_merged_lora_forward_matches_peft_in_outputs_and_gradients(backbone, tar
     for name, grad in reference_grads.items():
         torch.testing.assert_close(merged_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
     assert torch.equal(after, reference), "PEFT's own forward is back after the context"
+
+
+@pytest.mark.parametrize("accelerator,precision,native,warns", [
+    ("cpu", "bf16-mixed", False, True),  # emulated bf16: slower than fp32, said so
+    ("cpu", "bf16-mixed", True, False),
+    ("cpu", "32-true", False, False),
+    ("gpu", "bf16-mixed", False, False),  # the GPU's bf16, not the CPU's
+])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, recwarn, accelerator, precision, native, warns):
+    from pipeline.training import trainer
+
+    monkeypatch.setattr(trainer, "native_cpu_bf16", lambda: native)
+    trainer.check_precision(OmegaConf.create({"accelerator": accelerator, "precision": precision}))
+    messages = [str(w.message) for w in recwarn if "native bf16" in str(w.message)]
+    assert bool(messages) == warns
+    assert not warns or "-S trainer.precision=32-true" in messages[0]

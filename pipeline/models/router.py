@@ -138,7 +138,7 @@ def select_adapters(probabilities: torch.Tensor, policy: str, top_k: int = 2, mi
         if presence is None:
             raise ValueError(f"{policy} routing needs the router's presence probabilities")
         order = _ranking(probabilities, presence)[:, :k]
-        keep = (presence.gather(-1, order) >= mix_threshold).float()
+        keep = (presence.gather(-1, order) >= mix_threshold).to(probabilities.dtype)
         keep[:, 0] = 1.0
     else:
         order = torch.sort(probabilities, dim=-1, descending=True, stable=True).indices[:, :k]
